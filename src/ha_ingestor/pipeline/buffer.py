@@ -169,3 +169,24 @@ class MemoryBuffer:
 
     async def flush(self) -> None:
         self._seal()
+
+
+class Checkpoints(Protocol):
+    """Small persistent key/value state (e.g. the time of the last Home Assistant event stored)."""
+
+    def load(self, key: str) -> str | None: ...
+
+    async def save(self, key: str, value: str) -> None: ...
+
+
+class MemoryCheckpoints:
+    """Checkpoints that last as long as the process (spool switched off, and tests)."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, str] = {}
+
+    def load(self, key: str) -> str | None:
+        return self._values.get(key)
+
+    async def save(self, key: str, value: str) -> None:
+        self._values[key] = value
