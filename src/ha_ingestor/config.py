@@ -14,8 +14,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic import model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "HA_INGESTOR_"
 
@@ -103,7 +110,9 @@ class Settings(BaseModel):
     )
     mqtt_keepalive: int = Field(30, ge=5, le=65535, description="MQTT keepalive in seconds.")
     mqtt_tls: bool = Field(False, description="Connect to the broker with TLS.")
-    mqtt_ca_file: Path | None = Field(None, description="CA bundle that signs the broker certificate.")
+    mqtt_ca_file: Path | None = Field(
+        None, description="CA bundle that signs the broker certificate."
+    )
     mqtt_cert_file: Path | None = Field(None, description="Client certificate (mutual TLS).")
     mqtt_key_file: Path | None = Field(None, description="Client private key (mutual TLS).")
     mqtt_tls_insecure: bool = Field(
@@ -121,8 +130,9 @@ class Settings(BaseModel):
 
     # --- Home Assistant WebSocket source -------------------------------------------------------
     ha_url: str | None = Field(
-        None, description="Home Assistant base URL (`http(s)://host:8123`); with a token, "
-        "enables the WebSocket source."
+        None,
+        description="Home Assistant base URL (`http(s)://host:8123`); with a token, "
+        "enables the WebSocket source.",
     )
     ha_token: SecretStr | None = Field(None, description="Long-lived access token (secret).")
     ha_event_types: CsvList = Field(
@@ -155,7 +165,9 @@ class Settings(BaseModel):
     )
 
     # --- InfluxDB sink ---------------------------------------------------------------------------
-    influx_url: str = Field(description="InfluxDB base URL, e.g. `http://localhost:8086` (required).")
+    influx_url: str = Field(
+        description="InfluxDB base URL, e.g. `http://localhost:8086` (required)."
+    )
     influx_api: InfluxApi = Field(
         InfluxApi.AUTO, description="`v1`, `v2`, `v3`, or `auto` (probe `/ping`)."
     )
@@ -177,7 +189,9 @@ class Settings(BaseModel):
         1.0, gt=0, description="Most seconds a point waits before it is written."
     )
     influx_concurrency: int = Field(2, ge=1, le=16, description="Write requests in flight at once.")
-    influx_timeout: float = Field(10.0, gt=0, description="Seconds before a write request times out.")
+    influx_timeout: float = Field(
+        10.0, gt=0, description="Seconds before a write request times out."
+    )
     influx_gzip: bool = Field(True, description="Compress write requests with gzip (level 1).")
 
     # --- Spool -------------------------------------------------------------------------------------

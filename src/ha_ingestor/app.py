@@ -1,0 +1,182 @@
+"""Wiring: the one place where sources, pipeline, spool, writer and HTTP server meet.
+
+Start-up order: spool (replays what an earlier run left) → writer → HTTP server → sources.
+Shutdown order (SIGTERM/SIGINT): sources stop → the spool commits what they handed over →
+the writer drains until the deadline → everything not yet written stays in the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from prometheus_client import CollectorRegistry
+
+from ha_ingestor.config import Settings
+from ha_ingestor.pipeline.buffer import Buffer, Checkpoints, MemoryBuffer, MemoryCheckpoints
+from ha_ingestor.pipeline.spool import SqliteSpool
+from ha_ingestor.sinks.influxdb import InfluxClient
+from ha_ingestor.sinks.writer import InfluxWriter
+from ha_ingestor.sources.mqtt import MqttSource
+from ha_ingestor.telemetry import ConnState, Telemetry
+from ha_ingestor.web.readiness import Readiness
+from ha_ingestor.web.server import HttpServer
+
+
+def default_instance(settings: Settings) -> str:
+    return settings.instance or socket.gethostname()
+
+
+@contextlib.asynccontextmanager
+async def open_buffer(
+    settings: Settings, telemetry: Telemetry
+) -> AsyncIterator[tuple[Buffer, Checkpoints]]:
+    if not settings.spool_enabled:
+        yield MemoryBuffer(), MemoryCheckpoints()
+        return
+    spool = SqliteSpool(
+        settings.spool_dir,
+        telemetry,
+        max_bytes=settings.spool_max_bytes,
+        overflow=settings.spool_overflow,
+        commit_interval=settings.spool_commit_interval,
+    )
+    async with spool:
+        yield spool, spool
+
+
+def _ssl_for(url: str, ca_file: Any, insecure: bool) -> ssl.SSLContext | bool:
+    if not url.startswith("https://"):
+        return True
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class Service:
+    """One running HA Ingestor. ``run()`` returns when ``stop()`` is called (or a signal)."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.telemetry = Telemetry(registry)
+        self._stop = asyncio.Event()
+        self.http_port: int | None = None
+        self.ready = asyncio.Event()  # set once every component has started
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        settings = self.settings
+        telemetry = self.telemetry
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        telemetry.log.info(
+            "starting",
+            mqtt=settings.mqtt_enabled,
+            homeassistant=settings.ha_enabled,
+            influx_url=settings.influx_url,
+            spool=settings.spool_enabled,
+        )
+        connector = aiohttp.TCPConnector(
+            ssl=_ssl_for(
+                settings.influx_url, settings.influx_ca_file, settings.influx_tls_insecure
+            ),
+            limit=settings.influx_concurrency + 4,
+        )
+        async with (
+            aiohttp.ClientSession(connector=connector) as influx_session,
+            aiohttp.ClientSession() as ha_session,
+            open_buffer(settings, telemetry) as (buffer, checkpoints),
+        ):
+            client = InfluxClient(settings, influx_session)
+            writer = InfluxWriter(settings, client, buffer, telemetry)
+            readiness = Readiness(settings, telemetry, buffer)
+            sources = self._sources(settings, buffer, checkpoints, ha_session)
+            async with HttpServer(
+                settings.http_host, settings.http_port, telemetry, buffer, readiness
+            ) as http:
+                self.http_port = http.port
+                writer_task = asyncio.create_task(writer.run(), name="influx-writer")
+                source_tasks = [
+                    asyncio.create_task(source.run(), name=f"source-{name}")
+                    for name, source in sources.items()
+                ]
+                self.ready.set()
+                telemetry.log.info("started", http_port=http.port)
+                stop_wait = asyncio.create_task(self._stop.wait(), name="stop-signal")
+                done, _ = await asyncio.wait(
+                    [stop_wait, writer_task, *source_tasks], return_when=asyncio.FIRST_COMPLETED
+                )
+                crashed = [t for t in done if t is not stop_wait and not t.cancelled()]
+                await self._shutdown(source_tasks, writer, writer_task, buffer)
+                stop_wait.cancel()
+                for task in crashed:
+                    task.result()  # a component that ended on its own is a bug: surface it
+
+    def _sources(
+        self,
+        settings: Settings,
+        buffer: Buffer,
+        checkpoints: Checkpoints,
+        ha_session: aiohttp.ClientSession,
+    ) -> dict[str, Any]:
+        sources: dict[str, Any] = {}
+        mqtt: MqttSource | None = None
+        if settings.mqtt_enabled:
+            mqtt = MqttSource(settings, buffer, self.telemetry, default_instance(settings))
+            sources["mqtt"] = mqtt
+        if settings.ha_enabled:
+            from ha_ingestor.sources.homeassistant import HomeAssistantSource
+
+            sources["homeassistant"] = HomeAssistantSource(
+                settings, buffer, self.telemetry, ha_session, checkpoints
+            )
+        return sources
+
+    async def _shutdown(
+        self,
+        source_tasks: list[asyncio.Task[None]],
+        writer: InfluxWriter,
+        writer_task: asyncio.Task[None],
+        buffer: Buffer,
+    ) -> None:
+        telemetry = self.telemetry
+        deadline = asyncio.get_running_loop().time() + self.settings.shutdown_timeout
+        telemetry.log.info("stopping", timeout=self.settings.shutdown_timeout)
+        for task in source_tasks:
+            task.cancel()
+        await asyncio.gather(*source_tasks, return_exceptions=True)
+        for target in ("mqtt", "homeassistant"):
+            if target in telemetry.connections:
+                telemetry.set_state(target, ConnState.STOPPED)
+        await buffer.flush()
+        remaining = max(0.5, deadline - asyncio.get_running_loop().time() - 0.5)
+        await writer.stop(remaining)
+        writer_task.cancel()
+        await asyncio.gather(writer_task, return_exceptions=True)
+        lines, size = buffer.depth()
+        telemetry.log.info("stopped", unwritten_lines=lines, unwritten_bytes=size)
+
+
+async def run(settings: Settings) -> int:
+    service = Service(settings)
+    await service.run()
+    return 0
+
+
+async def check(settings: Settings) -> bool:
+    """Reach every configured endpoint and print one line per target."""
+    from ha_ingestor.checks import run_checks
+
+    return await run_checks(settings)

@@ -1,0 +1,107 @@
+"""``ha-ingestor check``: reach every configured endpoint and say, per target, what is wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TextIO
+
+import aiohttp
+import gmqtt
+import orjson
+
+from ha_ingestor.config import Settings
+from ha_ingestor.sinks.influxdb import InfluxClient
+
+TIMEOUT = 10.0
+
+
+class CheckError(Exception):
+    """The target answered, or failed to, in a way that stops the service working."""
+
+
+async def check_mqtt(settings: Settings) -> str:
+    client = gmqtt.Client(f"{settings.mqtt_client_id}-check", clean_session=True)
+    client.set_config({"reconnect_retries": -2})
+    if settings.mqtt_username:
+        password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
+        client.set_auth_credentials(settings.mqtt_username, password)
+    from ha_ingestor.sources.mqtt import _ssl_context
+
+    ssl_context = _ssl_context(settings) if settings.mqtt_tls else False
+    target = f"{settings.mqtt_host}:{settings.effective_mqtt_port}"
+    try:
+        await asyncio.wait_for(
+            client.connect(settings.mqtt_host, settings.effective_mqtt_port, ssl=ssl_context),
+            TIMEOUT,
+        )
+    except TimeoutError:
+        raise CheckError(f"{target}: no answer to CONNECT within {TIMEOUT:.0f} s") from None
+    except OSError as exc:
+        raise CheckError(f"{target}: {exc.strerror or exc}") from None
+    except Exception as exc:  # gmqtt raises its own MQTTConnectError for refusals
+        raise CheckError(f"{target}: broker refused the connection ({exc})") from None
+    await client.disconnect()
+    return f"connected to {target}"
+
+
+async def check_homeassistant(settings: Settings) -> str:
+    assert settings.ha_url is not None
+    assert settings.ha_token is not None
+    url = settings.ha_url.replace("http", "ws", 1) + "/api/websocket"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(
+            url, max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=TIMEOUT)
+        ) as ws,
+    ):
+        hello = await ws.receive_json(timeout=TIMEOUT)
+        if hello.get("type") != "auth_required":
+            raise CheckError(f"{settings.ha_url}: not a Home Assistant WebSocket API")
+        await ws.send_json({"type": "auth", "access_token": settings.ha_token.get_secret_value()})
+        answer = await ws.receive_json(timeout=TIMEOUT)
+        if answer.get("type") != "auth_ok":
+            raise CheckError(
+                f"{settings.ha_url}: token rejected (auth_invalid) — create a new long-lived "
+                "token in your Home Assistant profile and set HA_INGESTOR_HA_TOKEN"
+            )
+        await ws.send_json({"id": 1, "type": "get_config"})
+        config = orjson.loads((await ws.receive()).data)
+        location = (config.get("result") or {}).get("location_name", "?")
+        await ws.send_json({"id": 2, "type": "subscribe_events"})
+        subscribed = orjson.loads((await ws.receive()).data)
+        if not subscribed.get("success"):
+            raise CheckError(
+                f"{settings.ha_url}: authenticated, but the token may not subscribe to all "
+                "events — use a token of an administrator user"
+            )
+        return f"authenticated to {location!r} (Home Assistant {hello.get('ha_version', '?')})"
+
+
+async def check_influxdb(settings: Settings) -> str:
+    async with aiohttp.ClientSession() as session:
+        client = InfluxClient(settings, session)
+        return await client.check()
+
+
+async def run_checks(settings: Settings, out: TextIO = sys.stdout) -> bool:
+    checks: list[tuple[str, Callable[[Settings], Awaitable[str]]]] = []
+    if settings.mqtt_enabled:
+        checks.append(("mqtt", check_mqtt))
+    if settings.ha_enabled:
+        checks.append(("homeassistant", check_homeassistant))
+    checks.append(("influxdb", check_influxdb))
+    ok = True
+    for name, check in checks:
+        try:
+            detail = await asyncio.wait_for(check(settings), TIMEOUT * 2)
+        except CheckError as exc:
+            ok = False
+            print(f"FAIL {name}: {exc}", file=out)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            ok = False
+            print(f"FAIL {name}: {type(exc).__name__}: {exc}", file=out)
+        else:
+            print(f"ok   {name}: {detail}", file=out)
+    return ok

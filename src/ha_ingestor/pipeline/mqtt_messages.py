@@ -1,0 +1,175 @@
+"""MQTT message → one ``mqtt_message`` line of line protocol (the hot path).
+
+Per-topic work (escaping the series key, the discovery look-up) is done once and cached; per
+message there is only payload inspection and string concatenation.
+
+Fields (DESIGN §4): ``payload`` (string; base64 with ``encoding``="base64" when not UTF-8;
+truncated with ``truncated``=true over the size cap), ``value`` (float for numbers and
+boolean-like words), one float per numeric/boolean leaf of a JSON object named by its dotted path,
+``qos`` (int), ``retained`` (bool), ``size`` (int). A leaf whose path would collide with one of
+these names is stored as ``json.<path>`` so a name never carries two types.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from ha_ingestor.pipeline.mqtt_discovery import DiscoveryMap
+from ha_ingestor.pipeline.values import to_value
+from ha_ingestor.sinks.line_protocol import escape_field_key, series_key
+
+MEASUREMENT = "mqtt_message"
+# Names this measurement uses itself, and names InfluxDB refuses or reserves as field keys.
+RESERVED_FIELDS = frozenset(
+    {"payload", "value", "qos", "retained", "size", "encoding", "truncated"}
+    | {"time", "_time", "_field", "_measurement", "_start", "_stop", "_value"}
+)
+_MAX_CACHED_TOPICS = 100_000
+_MAX_CACHED_KEYS = 10_000
+
+
+def _quote(text: str) -> str:
+    """A line-protocol string field value."""
+    if "\\" in text:
+        text = text.replace("\\", "\\\\")
+    if '"' in text:
+        text = text.replace('"', '\\"')
+    return '"' + text + '"'
+
+
+class MqttMessageEncoder:
+    """Encodes MQTT messages as ``mqtt_message`` lines. One instance per MQTT source."""
+
+    def __init__(
+        self,
+        *,
+        instance: str,
+        static_tags: dict[str, str],
+        discovery: DiscoveryMap,
+        max_payload_bytes: int = 65536,
+        max_fields: int = 64,
+        on_invalid: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self._instance = instance
+        self._static_tags = static_tags
+        self._discovery = discovery
+        self._max_payload = max_payload_bytes
+        self._max_fields = max_fields
+        self._on_invalid = on_invalid or (lambda _reason, _topic: None)
+        self._series: dict[str, str] = {}
+        self._field_keys: dict[str, str] = {}
+
+    def set_instance(self, instance: str) -> None:
+        if instance != self._instance:
+            self._instance = instance
+            self._series.clear()
+
+    def discovery_changed(self) -> None:
+        self._series.clear()
+
+    def series_for(self, topic: str) -> str:
+        key = self._series.get(topic)
+        if key is None:
+            if len(self._series) >= _MAX_CACHED_TOPICS:
+                self._series.clear()
+            tags = {**self._static_tags, "topic": topic, "instance": self._instance}
+            entity_id, device = self._discovery.lookup(topic)
+            if entity_id:
+                tags["entity_id"] = entity_id
+            elif device:
+                tags["device"] = device
+            key = self._series[topic] = series_key(MEASUREMENT, tags)
+        return key
+
+    def encode(self, topic: str, payload: bytes, qos: int, retained: bool, time_ns: int) -> str:
+        size = len(payload)
+        extra = ""
+        if size > self._max_payload:
+            payload = payload[: self._max_payload]
+            extra = ",truncated=true"
+            self._on_invalid("oversized", topic)
+        try:
+            text = payload.decode()
+        except UnicodeDecodeError:
+            text = _decode_truncated(payload) if extra else None
+            if text is None:
+                self._on_invalid("invalid_utf8", topic)
+                return (
+                    f'{self.series_for(topic)} payload="{base64.b64encode(payload).decode()}"'
+                    f',encoding="base64",qos={qos}i,retained={"true" if retained else "false"}'
+                    f",size={size}i{extra} {time_ns}"
+                )
+        fields = "payload=" + _quote(text)
+        stripped = text.lstrip()
+        if stripped[:1] == "{" and not extra:
+            fields += self._json_fields(text, topic)
+        else:
+            number = to_value(text) if len(text) < 64 else None
+            if number is not None:
+                fields += f",value={number!r}"
+        return (
+            f"{self.series_for(topic)} {fields},qos={qos}i,"
+            f"retained={'true' if retained else 'false'},size={size}i{extra} {time_ns}"
+        )
+
+    def _json_fields(self, text: str, topic: str) -> str:
+        try:
+            document = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            self._on_invalid("invalid_json", topic)
+            return ""
+        if not isinstance(document, dict):
+            return ""
+        leaves: list[str] = []
+        if self._flatten(document, "", leaves):
+            self._on_invalid("too_many_fields", topic)
+        return "," + ",".join(leaves) if leaves else ""
+
+    def _flatten(self, obj: dict[str, Any], prefix: str, out: list[str]) -> bool:
+        """Append ``key=float`` for numeric/bool leaves; True when the cap cut some off."""
+        for key, value in obj.items():
+            path = prefix + key
+            if not key:
+                continue  # an empty key cannot name a field
+            if isinstance(value, dict):
+                if self._flatten(value, path + ".", out):
+                    return True
+                continue
+            if value is True:
+                number = 1.0
+            elif value is False:
+                number = 0.0
+            elif isinstance(value, int | float):
+                number = float(value)
+                if not math.isfinite(number):
+                    continue
+            else:
+                continue  # strings, arrays and nulls stay only in the payload
+            if len(out) >= self._max_fields:
+                return True
+            out.append(f"{self._field_key(path)}={number!r}")
+        return False
+
+    def _field_key(self, path: str) -> str:
+        key = self._field_keys.get(path)
+        if key is None:
+            if len(self._field_keys) >= _MAX_CACHED_KEYS:
+                self._field_keys.clear()
+            name = "json." + path if path in RESERVED_FIELDS else path
+            key = self._field_keys[path] = escape_field_key(name)
+        return key
+
+
+def _decode_truncated(payload: bytes) -> str | None:
+    """Decode a payload cut at the size cap, dropping a partial UTF-8 character at the end."""
+    for cut in range(1, 4):
+        try:
+            return payload[:-cut].decode()
+        except UnicodeDecodeError:
+            continue
+    return None
