@@ -169,6 +169,8 @@ class Telemetry:
         self.connections: dict[str, Connection] = {}
         self.recent_errors: deque[ErrorRecord] = deque(maxlen=max_recent_errors)
         self.started_at = clock()
+        self._last_logged: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
 
     # --- connections -----------------------------------------------------------------------------
     def connection(self, target: str) -> Connection:
@@ -224,6 +226,20 @@ class Telemetry:
         """Malformed input that is still stored (e.g. invalid UTF-8 payload kept as base64)."""
         self.metrics.invalid_input.labels(source, reason).inc()
         self.log.debug("invalid input", source=source, reason=reason, **data)
+
+    def warn_throttled(self, key: str, interval: float, message: str, **data: Any) -> None:
+        """Log a warning at most once per ``interval`` seconds per ``key`` (no log storms);
+        the next one says how many were held back."""
+        now = self.clock()
+        last = self._last_logged.get(key)
+        if last is not None and now - last < interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        self._last_logged[key] = now
+        suppressed = self._suppressed.pop(key, 0)
+        if suppressed:
+            data["repeated"] = suppressed
+        self.log.warning(message, **data)
 
     def _remember(self, component: str, error: str) -> None:
         self.recent_errors.append(ErrorRecord(self.clock(), component, error))

@@ -77,17 +77,19 @@ async def _fill(spool: SqliteSpool, groups: int, per_group: int) -> None:
 
 async def test_drop_oldest_evicts_whole_old_groups_and_counts_them(tmp_path: Path) -> None:
     telemetry = _telemetry()
-    line_size = len("m,g=0 v=0 0") + 1
     cap = 1024 * 1024
     per_group = 1000
+    groups = 150  # about 1.7 MiB of lines
     async with SqliteSpool(tmp_path, telemetry, max_bytes=cap) as spool:
-        groups = cap // (per_group * line_size) + 20
         await _fill(spool, groups, per_group)
         lines, size = spool.depth()
         assert size <= cap
         assert _dropped(telemetry, "spool_full") == groups * per_group - lines
         batch = await spool.next_batch(max_lines=per_group, max_wait=0)
-        assert batch.lines[0].startswith("m,g=20 ")  # the oldest groups went first
+        kept_groups = lines // per_group
+        assert kept_groups < groups
+        # The oldest groups went first: what is left is the newest, in order.
+        assert batch.lines[0].startswith(f"m,g={groups - kept_groups} ")
 
 
 async def test_drop_newest_refuses_new_data_and_counts_it(tmp_path: Path) -> None:

@@ -276,8 +276,12 @@ class SqliteSpool:
             return pending
         if self._overflow == OverflowPolicy.DROP_NEWEST:
             self._telemetry.dropped("spool_full", len(pending.lines), intentional=True)
-            self._telemetry.log.warning(
-                "spool full, dropping newest", lines=len(pending.lines), policy="drop_newest"
+            self._telemetry.warn_throttled(
+                "spool_full",
+                10.0,
+                "spool full, dropping newest",
+                lines=len(pending.lines),
+                policy="drop_newest",
             )
             future = pending.future
             if future is not None and not future.done():
@@ -297,8 +301,12 @@ class SqliteSpool:
         if dropped_ids:
             self._acked.extend(dropped_ids)
             self._telemetry.dropped("spool_full", dropped_lines, intentional=True)
-            self._telemetry.log.warning(
-                "spool full, dropping oldest", lines=dropped_lines, policy="drop_oldest"
+            self._telemetry.warn_throttled(
+                "spool_full",
+                10.0,
+                "spool full, dropping oldest",
+                lines=dropped_lines,
+                policy="drop_oldest",
             )
         return pending
 
