@@ -9,6 +9,7 @@ of whole groups, oldest first, and ``ack``s them once InfluxDB has stored them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -41,6 +42,10 @@ class Buffer(Protocol):
 
     async def ack(self, batch: Batch) -> None:
         """The batch is in InfluxDB (or dead-lettered): forget it."""
+        ...
+
+    async def release(self, batch: Batch) -> None:
+        """The batch was not written (shutdown): hand it out again first next time."""
         ...
 
     def depth(self) -> tuple[int, int]:
@@ -137,10 +142,8 @@ class MemoryBuffer:
             else:
                 timeout = None
             self._changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout)
-            except TimeoutError:
-                pass
 
     def _take(self, max_lines: int) -> Batch:
         ids: list[int] = []
@@ -163,6 +166,10 @@ class MemoryBuffer:
                 self._bytes -= group.size
         if self._lines < self._max_lines:
             self._room.set()
+
+    async def release(self, batch: Batch) -> None:
+        self._ready[:0] = [g for g in batch.group_ids if g in self._groups]
+        self._changed.set()
 
     def depth(self) -> tuple[int, int]:
         return self._lines, self._bytes
