@@ -93,6 +93,7 @@ class MqttMessageEncoder:
             payload = payload[: self._max_payload]
             extra = ",truncated=true"
             self._on_invalid("oversized", topic)
+        text: str | None
         try:
             text = payload.decode()
         except UnicodeDecodeError:

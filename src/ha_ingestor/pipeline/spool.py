@@ -16,6 +16,7 @@ import contextlib
 import sqlite3
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,14 @@ class _Pending:
     size: int = 0
     first_at: float = 0.0
     future: asyncio.Future[None] | None = None
+
+
+def _resolver(future: asyncio.Future[None]) -> Callable[[asyncio.Future[None]], None]:
+    def resolve(_: asyncio.Future[None]) -> None:
+        if not future.done():
+            future.set_result(None)
+
+    return resolve
 
 
 class SqliteSpool:
@@ -262,9 +271,7 @@ class SqliteSpool:
             pending.lines.extend(newer.lines)
             pending.size += newer.size
             if newer.future is not None and pending.future is not None:
-                pending.future.add_done_callback(
-                    lambda _f, nf=newer.future: nf.done() or nf.set_result(None)
-                )
+                pending.future.add_done_callback(_resolver(newer.future))
             self._pending = pending
         self._acked.extend(acked)
         for key, value in checkpoints.items():
