@@ -22,8 +22,12 @@ def test_defaults() -> None:
 
 def test_lists_tags_and_tls_port() -> None:
     settings = load_settings(
-        {**BASE, "HA_INGESTOR_MQTT_TOPICS": "zigbee2mqtt/#, tele/+/SENSOR",
-         "HA_INGESTOR_TAGS": "site=home, floor=1", "HA_INGESTOR_MQTT_TLS": "true"}
+        {
+            **BASE,
+            "HA_INGESTOR_MQTT_TOPICS": "zigbee2mqtt/#, tele/+/SENSOR",
+            "HA_INGESTOR_TAGS": "site=home, floor=1",
+            "HA_INGESTOR_MQTT_TLS": "true",
+        }
     )
     assert settings.mqtt_topics == ["zigbee2mqtt/#", "tele/+/SENSOR"]
     assert settings.tags == {"site": "home", "floor": "1"}
@@ -43,7 +47,9 @@ def test_lists_tags_and_tls_port() -> None:
         ({"HA_INGESTOR_INFLUX_URL": "http://db"}, "configuration", "no source is enabled"),
     ],
 )
-def test_invalid_values_name_the_variable(env: dict[str, str], variable: str, fragment: str) -> None:
+def test_invalid_values_name_the_variable(
+    env: dict[str, str], variable: str, fragment: str
+) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(env)
     assert info.value.variable == variable

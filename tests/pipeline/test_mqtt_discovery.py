@@ -11,8 +11,15 @@ def test_abbreviated_config_with_base_topic_maps_state_and_attribute_topics() ->
     discovery = DiscoveryMap()
     changed = discovery.update(
         "homeassistant/sensor/node1/temp/config",
-        _config(**{"~": "home/livingroom", "stat_t": "~/state", "json_attr_t": "~/attrs",
-                   "obj_id": "living_temp", "name": "Temp"}),
+        _config(
+            **{
+                "~": "home/livingroom",
+                "stat_t": "~/state",
+                "json_attr_t": "~/attrs",
+                "obj_id": "living_temp",
+                "name": "Temp",
+            }
+        ),
     )
     assert changed
     assert discovery.lookup("home/livingroom/state") == ("sensor.living_temp", None)
@@ -52,8 +59,10 @@ def test_device_based_discovery_declares_each_component() -> None:
     discovery = DiscoveryMap()
     discovery.update(
         "homeassistant/device/abc/config",
-        _config(dev={"ids": ["abc"], "name": "Meter"},
-                cmps={"power": {"p": "sensor", "stat_t": "meter/power", "obj_id": "meter_power"}}),
+        _config(
+            dev={"ids": ["abc"], "name": "Meter"},
+            cmps={"power": {"p": "sensor", "stat_t": "meter/power", "obj_id": "meter_power"}},
+        ),
     )
     assert discovery.lookup("meter/power") == ("sensor.meter_power", "Meter")
 

@@ -1,16 +1,17 @@
-"""InfluxDB line protocol, escaped exactly as the specification says.
+r"""InfluxDB line protocol, escaped the way InfluxDB's parsers read it.
 
 ``measurement[,tag=value...] field=value[,field=value...] timestamp``
 
-- measurement: escape ``,`` and space (and ``\\`` before them);
-- tag keys, tag values, field keys: escape ``,``, ``=`` and space; empty tag values are dropped;
-- string field values: double-quoted, with ``"`` and ``\\`` escaped;
-- floats in their shortest round-trip form, integers with an ``i`` suffix, booleans as
+- measurement: escape ``,`` and space; tag keys, tag values and field keys: escape ``,``, ``=``
+  and space. Empty tag values are dropped.
+- Backslashes in names and tag values are written as they are: InfluxDB 1.x and 2.x store
+  ``\\`` there as two characters (only ``\,``, ``\=`` and ``\ `` are escapes), so escaping
+  them, as the official Python client does, would double every backslash in the stored value.
+  Two cases have no exact form: a trailing backslash (it would escape the separator after it) is
+  written as U+FF3C, and a newline is written as the two characters ``\n``.
+- String field values: double-quoted, ``"`` and ``\`` escaped; newlines kept as they are.
+- Floats in their shortest round-trip form, integers with an ``i`` suffix, booleans as
   ``true``/``false``; NaN and infinities have no representation and are refused.
-
-Newlines cannot appear unescaped in keys or tag values (they end a line), so they are written as
-the two characters ``\\n``; that is the one place a value is not stored byte for byte. String
-field values keep newlines literally: InfluxDB accepts them inside quotes.
 """
 
 from __future__ import annotations
@@ -19,20 +20,25 @@ import math
 
 from ha_ingestor.record import FieldValue, Point
 
-_MEASUREMENT = str.maketrans({",": "\\,", " ": "\\ ", "\n": "\\n", "\\": "\\\\"})
-_KEY = str.maketrans({",": "\\,", "=": "\\=", " ": "\\ ", "\n": "\\n", "\\": "\\\\"})
+_MEASUREMENT = str.maketrans({",": "\\,", " ": "\\ ", "\n": "\\n"})
+_KEY = str.maketrans({",": "\\,", "=": "\\=", " ": "\\ ", "\n": "\\n"})
 _SPECIAL = frozenset(",= \n\\")
+_TRAILING_BACKSLASH = "\uff3c"
+
+
+def _end(text: str) -> str:
+    return text[:-1] + _TRAILING_BACKSLASH if text.endswith("\\") else text
 
 
 def escape_measurement(name: str) -> str:
-    return name.translate(_MEASUREMENT)
+    return _end(name.translate(_MEASUREMENT))
 
 
 def escape_tag(text: str) -> str:
     """Escape a tag key, tag value or field key."""
     if _SPECIAL.isdisjoint(text):
         return text
-    return text.translate(_KEY)
+    return _end(text.translate(_KEY))
 
 
 escape_field_key = escape_tag
