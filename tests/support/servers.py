@@ -124,9 +124,7 @@ class Mosquitto(ServerProcess):
         if self.users:
             password_file = self.directory / "passwords"
             password_file.write_text("".join(f"{u}:{p}\n" for u, p in self.users.items()))
-            subprocess.run(
-                [_require("mosquitto_passwd"), "-U", str(password_file)], check=True
-            )
+            subprocess.run([_require("mosquitto_passwd"), "-U", str(password_file)], check=True)
             password_file.chmod(0o600)
             lines += ["allow_anonymous false", f"password_file {password_file}"]
         else:

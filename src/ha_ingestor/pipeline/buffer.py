@@ -36,6 +36,10 @@ class Buffer(Protocol):
         """Return when the buffer can take more; sources await it to apply back-pressure."""
         ...
 
+    def full(self) -> bool:
+        """True while sources should stop reading (see ``wait_for_room``)."""
+        ...
+
     async def next_batch(self, max_lines: int, max_wait: float) -> Batch:
         """Wait for ``max_lines`` lines or until the oldest waiting line is ``max_wait`` s old."""
         ...
@@ -130,6 +134,9 @@ class MemoryBuffer:
 
     async def wait_for_room(self) -> None:
         await self._room.wait()
+
+    def full(self) -> bool:
+        return not self._room.is_set()
 
     async def next_batch(self, max_lines: int, max_wait: float) -> Batch:
         while True:

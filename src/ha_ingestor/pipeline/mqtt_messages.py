@@ -133,36 +133,40 @@ class MqttMessageEncoder:
 
     def _flatten(self, obj: dict[str, Any], prefix: str, out: list[str]) -> bool:
         """Append ``key=float`` for numeric/bool leaves; True when the cap cut some off."""
+        # The per-message hot spot: type() dispatch and cached field keys, no isinstance chains.
+        field_keys = self._field_keys
         for key, value in obj.items():
-            path = prefix + key
-            if not key:
-                continue  # an empty key cannot name a field
-            if isinstance(value, dict):
-                if self._flatten(value, path + ".", out):
+            kind = type(value)
+            if kind is float:
+                if not math.isfinite(value):
+                    continue
+                text = repr(value)
+            elif kind is int:
+                text = repr(float(value))
+            elif kind is bool:
+                text = "1.0" if value else "0.0"
+            elif kind is dict:
+                if key and self._flatten(value, prefix + key + ".", out):
                     return True
                 continue
-            if value is True:
-                number = 1.0
-            elif value is False:
-                number = 0.0
-            elif isinstance(value, int | float):
-                number = float(value)
-                if not math.isfinite(number):
-                    continue
             else:
                 continue  # strings, arrays and nulls stay only in the payload
+            if not key:
+                continue  # an empty key cannot name a field
             if len(out) >= self._max_fields:
                 return True
-            out.append(f"{self._field_key(path)}={number!r}")
+            path = prefix + key
+            field_key = field_keys.get(path)
+            if field_key is None:
+                field_key = self._field_key(path)
+            out.append(field_key + "=" + text)
         return False
 
     def _field_key(self, path: str) -> str:
-        key = self._field_keys.get(path)
-        if key is None:
-            if len(self._field_keys) >= _MAX_CACHED_KEYS:
-                self._field_keys.clear()
-            name = "json." + path if path in RESERVED_FIELDS else path
-            key = self._field_keys[path] = escape_field_key(name)
+        if len(self._field_keys) >= _MAX_CACHED_KEYS:
+            self._field_keys.clear()
+        name = "json." + path if path in RESERVED_FIELDS else path
+        key = self._field_keys[path] = escape_field_key(name)
         return key
 
 

@@ -199,6 +199,9 @@ class SqliteSpool:
     async def wait_for_room(self) -> None:
         await self._room.wait()
 
+    def full(self) -> bool:
+        return not self._room.is_set()
+
     async def flush(self) -> None:
         """Commit everything added so far."""
         while self._pending.lines or self._acked or self._dirty_checkpoints:

@@ -80,6 +80,7 @@ class InfluxWriter:
             self._telemetry.log.info(
                 "influxdb detected", api=api.value, version=self._client.version
             )
+            self._telemetry.set_state(TARGET, ConnState.CONNECTED)
             self._prepared.set()
             return
 

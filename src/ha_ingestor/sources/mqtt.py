@@ -128,6 +128,8 @@ class MqttSource:
         self._protocol = MQTTv311 if settings.mqtt_protocol == "3.1.1" else MQTTv50
         self._disconnected = asyncio.Event()
         self._paused = False
+        self._connection_client: Any = None
+        self._resume_task: asyncio.Task[None] | None = None
         prefix = settings.mqtt_discovery_prefix
         self._discovery_filters = [f"{prefix}/+/+/config", f"{prefix}/+/+/+/config"]
 
@@ -176,8 +178,8 @@ class MqttSource:
         if settings.mqtt_username:
             password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
             client.set_auth_credentials(settings.mqtt_username, password)
-        client.on_message = self._on_message
         client.on_disconnect = self._on_disconnect
+        self._connection_client = client
         return client
 
     async def _connect(self, client: Any) -> None:
@@ -185,6 +187,7 @@ class MqttSource:
         self._disconnected.clear()
         ssl_context = _ssl_context(settings) if settings.mqtt_tls else False
         version = self._protocol
+        self._install_publish_handler(client)
         try:
             await asyncio.wait_for(
                 client.connect(
@@ -237,29 +240,100 @@ class MqttSource:
         self._last_ns = now
         return now
 
-    async def _on_message(
-        self, client: Any, topic: str, payload: bytes, qos: int, properties: dict[str, Any]
-    ) -> int:
+    def _install_publish_handler(self, client: Any) -> None:
+        """Take over PUBLISH handling from gmqtt (pinned to 0.8.x for this reason).
+
+        gmqtt runs an ``async on_message`` as one Task per message and only then acknowledges;
+        at tens of thousands of messages per second the Tasks cost more than the rest of the
+        pipeline. Here a PUBLISH is parsed and encoded synchronously, and its PUBACK/PUBREC is
+        sent from a callback on the spool's group-commit future: ack after durable, no Task.
+        We do not ask for topic aliases, so the broker sends full topic names.
+        """
+        handler = client._package_handler
+        state = client._connection_state  # its protocol_version drops to 3.1.1 on fallback
+        on_publish = self._on_publish
+
+        def handle_publish_packet(cmd: int, raw: bytes) -> None:
+            qos = (cmd & 0x06) >> 1
+            topic_end = 2 + ((raw[0] << 8) | raw[1])
+            topic = raw[2:topic_end].decode("utf-8", "replace")
+            position = topic_end
+            mid = 0
+            if qos:
+                mid = (raw[position] << 8) | raw[position + 1]
+                position += 2
+            if (
+                state.protocol_version >= MQTTv50
+            ):  # skip the properties: variable-length size, then the bytes
+                length, shift = 0, 0
+                while True:
+                    byte = raw[position]
+                    position += 1
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    if not byte & 0x80:
+                        break
+                position += length
+            accepted = on_publish(topic, raw[position:], qos, bool(cmd & 0x01))
+            if qos == 1:
+                if accepted is None:
+                    handler._send_puback(mid)
+                else:
+                    accepted.add_done_callback(lambda _f: handler._send_puback(mid))
+            elif qos == 2:
+                if accepted is None:
+                    handler._send_pubrec(mid)
+                else:
+                    accepted.add_done_callback(lambda _f: handler._send_pubrec(mid))
+
+        # gmqtt looks handlers up by attribute name (and caches them per packet type).
+        handler._handle_publish_packet = handle_publish_packet
+        handler._handler_cache.pop(3, None)
+
+    def _on_publish(
+        self, topic: str, payload: bytes, qos: int, retained: bool
+    ) -> asyncio.Future[None] | None:
+        """Encode and buffer one message; returns the future of its durability, or None when
+        the message is not stored (excluded, replayed) and may be acknowledged at once."""
         time_ns = self._timestamp()
         self._received.inc()
-        retained = bool(properties.get("retain"))
         if self._discovery.is_config_topic(topic):
             self._apply_discovery(topic, payload)
             if not self._include.matches(topic):
-                return 0
+                return None
         if self._exclude and self._exclude.matches(topic):
             self._telemetry.dropped("excluded_topic", intentional=True)
-            return 0
+            return None
         if self._replays.is_replay(topic, payload, retained):
             self._telemetry.dropped("retained_replay", intentional=True)
-            return 0
+            return None
         line = self._encoder.encode(topic, payload, qos, retained, time_ns)
-        buffer = self._buffer
-        accepted = buffer.add(line)
-        if qos:
-            await accepted  # the PUBACK goes out when this returns: only once it is durable
-        await buffer.wait_for_room()
-        return 0
+        accepted = self._buffer.add(line)
+        if self._buffer.full() and not self._paused:
+            self._pause_reading()
+        return accepted
+
+    def _pause_reading(self) -> None:
+        """Back-pressure: stop reading the socket until the buffer has room. The broker then
+        holds unacknowledged QoS 1/2 messages (and queues QoS 0 within its limits)."""
+        transport = getattr(self._connection_client, "_connection", None)
+        transport = getattr(transport, "_transport", None)
+        if transport is None:
+            return
+        self._paused = True
+        transport.pause_reading()
+        self._telemetry.metrics.queue_depth.labels("mqtt_paused").set(1)
+
+        async def resume() -> None:
+            try:
+                await self._buffer.wait_for_room()
+            finally:
+                self._paused = False
+                self._telemetry.metrics.queue_depth.labels("mqtt_paused").set(0)
+                if not transport.is_closing():
+                    transport.resume_reading()
+
+        self._resume_task = asyncio.create_task(resume(), name="mqtt-resume-reading")
 
     def _apply_discovery(self, topic: str, payload: bytes) -> None:
         try:

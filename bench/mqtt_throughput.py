@@ -1,0 +1,238 @@
+"""MQTT → InfluxDB throughput, end to end, against real Mosquitto and InfluxDB 1.x.
+
+    .venv/bin/python -m bench.mqtt_throughput [--messages 200000] [--qos 1] [--no-spool-baseline]
+
+Publishes N messages of realistic shape (zigbee2mqtt-style JSON, plain numbers, text) as fast as
+the broker takes them and reports, all measured in the same run on the same machine:
+
+- the rate ``mosquitto_sub`` (C) drains the same messages from the same broker — the baseline;
+- the ingestor's end-to-end rate: first publish → every message counted in InfluxDB,
+  with the durable spool on (the default) and, for the cost of durability, with it off;
+- ratios between them, messages lost, and the ingestor's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.mqtt_publisher import Message, Publisher
+from tests.support.servers import InfluxDB1, Mosquitto, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_messages(count: int, qos: int, prefix: str) -> list[Message]:
+    rng = random.Random(42)
+    messages = []
+    for i in range(count):
+        device = i % 500
+        kind = rng.random()
+        if kind < 0.6:
+            topic = f"{prefix}/zigbee2mqtt/sensor_{device}"
+            payload = json.dumps(
+                {
+                    "battery": rng.randint(1, 100),
+                    "humidity": round(rng.uniform(20, 80), 2),
+                    "linkquality": rng.randint(0, 255),
+                    "temperature": round(rng.uniform(-10, 35), 2),
+                    "voltage": rng.randint(2800, 3100),
+                    "update": {"state": "idle", "installed_version": 16909577},
+                    "seq": i,
+                }
+            ).encode()
+        elif kind < 0.85:
+            topic = f"{prefix}/tele/plug_{device}/power"
+            payload = f"{rng.uniform(0, 2500):.1f}".encode()
+        else:
+            topic = f"{prefix}/stat/light_{device}/POWER"
+            payload = rng.choice([b"ON", b"OFF", b"offline", b"some status text"])
+        messages.append(Message(topic, payload, qos))
+    return messages
+
+
+def publish(mosquitto: Mosquitto, messages: list[Message], client_id: str) -> float:
+    started = time.perf_counter()
+    with Publisher(mosquitto.host, mosquitto.port, client_id=client_id) as publisher:
+        publisher.publish_many(messages)
+    return started
+
+
+def baseline_mosquitto_sub(
+    mosquitto: Mosquitto, messages: list[Message], qos: int, prefix: str
+) -> float:
+    """Seconds for mosquitto_sub to receive every message, from the first publish."""
+    sub = subprocess.Popen(  # noqa: S603
+        [
+            "mosquitto_sub",
+            "-h",
+            mosquitto.host,
+            "-p",
+            str(mosquitto.port),
+            "-q",
+            str(qos),
+            "-t",
+            f"{prefix}/#",
+            "-C",
+            str(len(messages)),
+            "-i",
+            f"bench-sub-{prefix}",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # mosquitto_sub has no "subscribed" signal
+    started = publish(mosquitto, messages, f"bench-pub-{prefix}")
+    sub.wait(timeout=600)
+    return time.perf_counter() - started
+
+
+@dataclass
+class IngestorRun:
+    seconds: float
+    stored: int
+    peak_rss_mb: float
+
+
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310
+            return int(response.status)
+    except OSError:
+        return 0
+
+
+def run_ingestor(
+    mosquitto: Mosquitto,
+    influx: InfluxDB1,
+    messages: list[Message],
+    prefix: str,
+    spool: bool,
+    workdir: Path,
+    stall_timeout: float,
+) -> IngestorRun:
+    database = f"bench_{prefix}"
+    http_port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("HA_INGESTOR_")},
+        "HA_INGESTOR_MQTT_HOST": mosquitto.host,
+        "HA_INGESTOR_MQTT_PORT": str(mosquitto.port),
+        "HA_INGESTOR_MQTT_TOPICS": f"{prefix}/#",
+        "HA_INGESTOR_MQTT_CLIENT_ID": f"bench-ingestor-{prefix}",
+        "HA_INGESTOR_INFLUX_URL": influx.url,
+        "HA_INGESTOR_INFLUX_DATABASE": database,
+        "HA_INGESTOR_SPOOL_DIR": str(workdir / f"spool-{prefix}"),
+        "HA_INGESTOR_SPOOL_ENABLED": "true" if spool else "false",
+        "HA_INGESTOR_HTTP_HOST": "127.0.0.1",
+        "HA_INGESTOR_HTTP_PORT": str(http_port),
+        "HA_INGESTOR_INSTANCE": "bench",
+        "HA_INGESTOR_LOG_LEVEL": "WARNING",
+    }
+    log = (workdir / f"ingestor-{prefix}.log").open("wb")
+    command = [sys.executable, "-m", "ha_ingestor", "run"]
+    if os.environ.get("BENCH_PROFILE"):  # BENCH_PROFILE=/tmp/profile: cProfile output per run
+        profile = f"{os.environ['BENCH_PROFILE']}.{prefix}.prof"
+        command = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "ha_ingestor", "run"]
+    process = subprocess.Popen(  # noqa: S603
+        command, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while _get(f"http://127.0.0.1:{http_port}/readyz") != 200:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"ingestor did not become ready; see {log.name}")
+            time.sleep(0.1)
+        start_box: list[float] = []
+        publisher = threading.Thread(
+            target=lambda: start_box.append(publish(mosquitto, messages, f"bench-pub-{prefix}"))
+        )
+        publisher.start()
+        stored, last_change, last_stored = 0, time.monotonic(), -1
+        while stored < len(messages):
+            time.sleep(0.25)
+            stored = influx.count(database, "mqtt_message", "qos")
+            if stored != last_stored:
+                last_stored, last_change = stored, time.monotonic()
+            elif time.monotonic() - last_change > stall_timeout:
+                break
+        finished = time.perf_counter()
+        publisher.join()
+        peak_kb = 0
+        for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peak_kb = int(line.split()[1])
+        return IngestorRun(finished - start_box[0], stored, peak_kb / 1024)
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument("--qos", type=int, default=1, choices=(0, 1))
+    parser.add_argument("--no-spool-baseline", action="store_true", help="skip the spool-off run")
+    parser.add_argument("--stall-timeout", type=float, default=20.0)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="ha-ingestor-bench-") as tmp:
+        workdir = Path(tmp)
+        mosquitto = Mosquitto(workdir / "mosquitto")
+        influx = InfluxDB1(workdir / "influxdb")
+        mosquitto.start()
+        influx.start()
+        try:
+            n = args.messages
+            print(
+                f"{n} messages, QoS {args.qos}, {os.cpu_count()} CPUs; broker, database and "
+                "ingestor on this machine"
+            )
+            sub_s = baseline_mosquitto_sub(
+                mosquitto, make_messages(n, args.qos, "b0"), args.qos, "b0"
+            )
+            sub_rate = n / sub_s
+            print(f"mosquitto_sub (C) drain:        {sub_rate:10,.0f} msg/s  ({sub_s:.2f} s)")
+            runs = [("spool on (durable, default)", True, "b1")]
+            if not args.no_spool_baseline:
+                runs.append(("spool off (memory only)", False, "b2"))
+            rates: dict[bool, float] = {}
+            for label, spool, prefix in runs:
+                result = run_ingestor(
+                    mosquitto,
+                    influx,
+                    make_messages(n, args.qos, prefix),
+                    prefix,
+                    spool,
+                    workdir,
+                    args.stall_timeout,
+                )
+                rate = result.stored / result.seconds
+                rates[spool] = rate
+                print(
+                    f"ingestor, {label:28s} {rate:10,.0f} msg/s  ({result.seconds:.2f} s)  "
+                    f"ratio to mosquitto_sub {rate / sub_rate:.2f}  lost {n - result.stored}  "
+                    f"peak RSS {result.peak_rss_mb:.0f} MB"
+                )
+            if len(rates) == 2:
+                print(
+                    f"cost of durability: spool-on rate / spool-off rate = {rates[True] / rates[False]:.2f}"
+                )
+        finally:
+            mosquitto.stop()
+            influx.stop()
+
+
+if __name__ == "__main__":
+    main()
