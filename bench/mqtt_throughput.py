@@ -101,6 +101,7 @@ class IngestorRun:
     seconds: float
     stored: int
     peak_rss_mb: float
+    cpu_seconds: float  # user + system time of the whole ingestor process, start-up included
 
 
 def _get(url: str) -> int:
@@ -136,6 +137,11 @@ def run_ingestor(
         "HA_INGESTOR_HTTP_PORT": str(http_port),
         "HA_INGESTOR_INSTANCE": "bench",
         "HA_INGESTOR_LOG_LEVEL": "WARNING",
+        **{
+            k.removeprefix("BENCH_"): v
+            for k, v in os.environ.items()
+            if k.startswith("BENCH_HA_INGESTOR_")
+        },
     }
     log = (workdir / f"ingestor-{prefix}.log").open("wb")
     command = [sys.executable, "-m", "ha_ingestor", "run"]
@@ -166,11 +172,13 @@ def run_ingestor(
                 break
         finished = time.perf_counter()
         publisher.join()
+        fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu_seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         peak_kb = 0
         for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 peak_kb = int(line.split()[1])
-        return IngestorRun(finished - start_box[0], stored, peak_kb / 1024)
+        return IngestorRun(finished - start_box[0], stored, peak_kb / 1024, cpu_seconds)
     finally:
         process.terminate()
         process.wait(30)
@@ -223,7 +231,7 @@ def main() -> None:
                 print(
                     f"ingestor, {label:28s} {rate:10,.0f} msg/s  ({result.seconds:.2f} s)  "
                     f"ratio to mosquitto_sub {rate / sub_rate:.2f}  lost {n - result.stored}  "
-                    f"peak RSS {result.peak_rss_mb:.0f} MB"
+                    f"peak RSS {result.peak_rss_mb:.0f} MB  ingestor CPU {result.cpu_seconds:.1f} s"
                 )
             if len(rates) == 2:
                 print(

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -192,7 +193,12 @@ class Settings(BaseModel):
     influx_timeout: float = Field(
         10.0, gt=0, description="Seconds before a write request times out."
     )
-    influx_gzip: bool = Field(True, description="Compress write requests with gzip (level 1).")
+    influx_gzip: str = Field(
+        "auto",
+        pattern="^(auto|true|false)$",
+        description="Compress write requests with gzip (level 1): `true`, `false`, or `auto` "
+        "(on, except for an InfluxDB on this host, where compressing only costs CPU).",
+    )
 
     # --- Spool -------------------------------------------------------------------------------------
     spool_dir: Path = Field(
@@ -293,6 +299,13 @@ class Settings(BaseModel):
     @property
     def ha_enabled(self) -> bool:
         return self.ha_url is not None and self.ha_token is not None
+
+    @property
+    def influx_compress(self) -> bool:
+        if self.influx_gzip != "auto":
+            return self.influx_gzip == "true"
+        host = urlsplit(self.influx_url).hostname or ""
+        return host not in ("localhost", "::1") and not host.startswith("127.")
 
     @property
     def effective_mqtt_port(self) -> int:

@@ -135,6 +135,7 @@ class MqttMessageEncoder:
         """Append ``key=float`` for numeric/bool leaves; True when the cap cut some off."""
         # The per-message hot spot: type() dispatch and cached field keys, no isinstance chains.
         field_keys = self._field_keys
+        max_fields = self._max_fields
         for key, value in obj.items():
             kind = type(value)
             if kind is float:
@@ -142,7 +143,7 @@ class MqttMessageEncoder:
                     continue
                 text = repr(value)
             elif kind is int:
-                text = repr(float(value))
+                text = f"{value}.0"  # the same float, without a float() round trip
             elif kind is bool:
                 text = "1.0" if value else "0.0"
             elif kind is dict:
@@ -153,7 +154,7 @@ class MqttMessageEncoder:
                 continue  # strings, arrays and nulls stay only in the payload
             if not key:
                 continue  # an empty key cannot name a field
-            if len(out) >= self._max_fields:
+            if len(out) >= max_fields:
                 return True
             path = prefix + key
             field_key = field_keys.get(path)

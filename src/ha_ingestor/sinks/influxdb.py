@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import io
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -202,13 +203,14 @@ class InfluxClient:
         """POST one batch (newline-separated lines). Never raises for transport errors."""
         url, params = self.write_url()
         headers = {"Content-Type": "text/plain; charset=utf-8", **self._auth_headers(self.api)}
-        if self._settings.influx_gzip:
+        if self._settings.influx_compress:
             loop = asyncio.get_running_loop()
             body = await loop.run_in_executor(None, gzip.compress, body, 1)
             headers["Content-Encoding"] = "gzip"
         try:
+            # A file-like body: aiohttp streams it instead of warning about a large bytes body.
             async with self._session.post(
-                url, params=params, data=body, headers=headers, timeout=self._timeout
+                url, params=params, data=io.BytesIO(body), headers=headers, timeout=self._timeout
             ) as response:
                 text = await response.text() if response.status >= 300 else ""
                 return classify(response.status, text, response.headers)

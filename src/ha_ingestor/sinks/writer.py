@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter
 
 from ha_ingestor.config import InfluxApi, Settings
 from ha_ingestor.pipeline.buffer import Batch, Buffer
@@ -25,11 +24,20 @@ TARGET = "influxdb"
 _AUTH_LOG_INTERVAL = 60.0
 
 
-def measurement_of(line: str) -> str:
-    comma = line.find(",")
-    space = line.find(" ")
-    end = comma if 0 <= comma < space else space
-    return line[:end]
+MEASUREMENTS = ("mqtt_message", "ha_state", "ha_event")
+
+
+def count_measurements(body: str, lines: int) -> dict[str, int]:
+    """Points per measurement in a newline-joined batch, counted at C speed (str.count)."""
+    counts: dict[str, int] = {}
+    for measurement in MEASUREMENTS:
+        count = body.count("\n" + measurement + ",") + body.startswith(measurement + ",")
+        if count:
+            counts[measurement] = count
+    other = lines - sum(counts.values())
+    if other:
+        counts["other"] = other
+    return counts
 
 
 class InfluxWriter:
@@ -110,15 +118,15 @@ class InfluxWriter:
         """Write ``lines`` until every one is stored or dead-lettered."""
         telemetry = self._telemetry
         metrics = telemetry.metrics
+        body = "\n".join(lines)
         while True:
             started = time.perf_counter()
-            result = await self._client.write("\n".join(lines).encode())
+            result = await self._client.write(body.encode())
             metrics.write_duration.observe(time.perf_counter() - started)
             if result.outcome == Outcome.OK:
                 self._backoff.reset()
                 telemetry.set_state(TARGET, ConnState.CONNECTED)
-                counts = Counter(measurement_of(line) for line in lines)
-                for measurement, count in counts.items():
+                for measurement, count in count_measurements(body, len(lines)).items():
                     metrics.points_written.labels(measurement).inc(count)
                 return
             metrics.write_errors.labels(result.outcome.value).inc()
