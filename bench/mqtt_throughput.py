@@ -72,7 +72,7 @@ def baseline_mosquitto_sub(
     mosquitto: Mosquitto, messages: list[Message], qos: int, prefix: str
 ) -> float:
     """Seconds for mosquitto_sub to receive every message, from the first publish."""
-    sub = subprocess.Popen(  # noqa: S603
+    sub = subprocess.Popen(
         [
             "mosquitto_sub",
             "-h",
@@ -106,7 +106,7 @@ class IngestorRun:
 
 def _get(url: str) -> int:
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310
+        with urllib.request.urlopen(url, timeout=2) as response:
             return int(response.status)
     except OSError:
         return 0
@@ -148,9 +148,7 @@ def run_ingestor(
     if os.environ.get("BENCH_PROFILE"):  # BENCH_PROFILE=/tmp/profile: cProfile output per run
         profile = f"{os.environ['BENCH_PROFILE']}.{prefix}.prof"
         command = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "ha_ingestor", "run"]
-    process = subprocess.Popen(  # noqa: S603
-        command, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
         while _get(f"http://127.0.0.1:{http_port}/readyz") != 200:

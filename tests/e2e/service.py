@@ -95,7 +95,7 @@ async def run_service(
 
 def field_types(influx: InfluxDB1, database: str, measurement: str) -> dict[str, str]:
     series = influx.query(f'SHOW FIELD KEYS FROM "{measurement}"', database)
-    return {name: kind for name, kind in series[0]["values"]}
+    return dict(series[0]["values"])
 
 
 def mqtt_rows(influx: InfluxDB1, database: str) -> list[dict[str, Any]]:

@@ -38,6 +38,7 @@ def _mixed_messages(prefix: str, count: int) -> list[Expected]:
     messages: list[Expected] = []
     for i in range(count):
         kind = i % 8
+        fields: dict[str, object]
         topic = f"{prefix}/{AWKWARD_TOPICS[i % len(AWKWARD_TOPICS)]}/{i}"
         if kind == 0:
             temp = round(rng.uniform(-20, 40), 2)

@@ -86,9 +86,10 @@ class HttpServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
-        server = site._server  # aiohttp exposes the bound sockets only here
-        if server is not None and getattr(server, "sockets", None):
-            self.port = server.sockets[0].getsockname()[1]
+        # aiohttp exposes the bound sockets (needed for port 0) only on the private server.
+        sockets = getattr(site._server, "sockets", None)
+        if sockets:
+            self.port = int(sockets[0].getsockname()[1])
         self._sampler = asyncio.create_task(self._sample_loop(), name="rate-sampler")
         return self
 
@@ -161,7 +162,7 @@ class HttpServer:
 
     async def _metrics(self, _: web.Request) -> web.Response:
         metrics = self._telemetry.metrics
-        lines, size = self._buffer.depth()
+        lines = self._buffer.depth()[0]
         metrics.queue_depth.labels("buffer").set(lines)
         body = generate_latest(metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
