@@ -140,7 +140,13 @@ class Service:
             from ha_ingestor.sources.homeassistant import HomeAssistantSource
 
             sources["homeassistant"] = HomeAssistantSource(
-                settings, buffer, self.telemetry, ha_session, checkpoints
+                settings,
+                buffer,
+                self.telemetry,
+                ha_session,
+                checkpoints,
+                # Home Assistant's location name becomes every point's instance tag.
+                on_instance=mqtt.encoder.set_instance if mqtt is not None else None,
             )
         return sources
 

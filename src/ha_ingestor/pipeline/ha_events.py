@@ -1,0 +1,240 @@
+"""Home Assistant events → ``ha_state`` and ``ha_event`` points (DESIGN §4). Pure functions.
+
+``state_changed`` becomes one ``ha_state`` point at the new state's ``last_updated`` (removal:
+at ``time_fired``); every other event becomes one ``ha_event`` point at ``time_fired``.
+Timestamps keep Home Assistant's microseconds exactly (parsed as integers, never via floats).
+A state recovered from the recorder's history maps to the very same series and time, so a
+back-filled point and its live twin collapse into one in InfluxDB.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from fnmatch import translate
+from typing import Any
+
+import orjson
+
+from ha_ingestor.pipeline.values import to_value
+from ha_ingestor.record import FieldValue, Point
+
+STATE_MEASUREMENT = "ha_state"
+EVENT_MEASUREMENT = "ha_event"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def parse_time_ns(text: str) -> int:
+    """ISO-8601 (as Home Assistant writes it, microseconds) → integer nanoseconds since epoch."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+
+
+def epoch_to_ns(seconds: float) -> int:
+    """History's float epoch seconds → ns, rounded to the microsecond Home Assistant stored."""
+    return round(seconds * 1_000_000) * 1000
+
+
+def epoch_of(text: str) -> float:
+    return parse_time_ns(text) / 1e9
+
+
+class EntityFilter:
+    """Include/exclude entity-id globs (``sensor.*``), compiled once, answers cached."""
+
+    def __init__(self, include: list[str], exclude: list[str]) -> None:
+        self._include = re.compile("|".join(translate(g) for g in include)) if include else None
+        self._exclude = re.compile("|".join(translate(g) for g in exclude)) if exclude else None
+        self._cache: dict[str, bool] = {}
+
+    def allows(self, entity_id: str) -> bool:
+        allowed = self._cache.get(entity_id)
+        if allowed is None:
+            allowed = (self._include is None or bool(self._include.match(entity_id))) and not (
+                self._exclude is not None and self._exclude.match(entity_id)
+            )
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            self._cache[entity_id] = allowed
+        return allowed
+
+
+@dataclass(frozen=True, slots=True)
+class EntityInfo:
+    """What the registries say about an entity: the enrichment tags."""
+
+    area: str | None = None
+    device: str | None = None
+    platform: str | None = None
+
+
+@dataclass
+class Mapper:
+    """Turns events into points with the tags and filters of one configuration."""
+
+    instance: str
+    static_tags: dict[str, str] = field(default_factory=dict)
+    exclude_attributes: frozenset[str] = frozenset()
+    entity_filter: EntityFilter = field(default_factory=lambda: EntityFilter([], []))
+    exclude_event_types: frozenset[str] = frozenset()
+    entity_info: Callable[[str], EntityInfo] = lambda _entity_id: EntityInfo()
+
+    # --- state changes ---------------------------------------------------------------------------
+    def state_point(
+        self,
+        entity_id: str,
+        new_state: Mapping[str, Any] | None,
+        old_state: Mapping[str, Any] | None,
+        time_fired: str,
+        context: Mapping[str, Any] | None = None,
+    ) -> Point | None:
+        if not self.entity_filter.allows(entity_id):
+            return None
+        tags = self._state_tags(entity_id, new_state or old_state or {})
+        fields: dict[str, FieldValue] = {}
+        if new_state is None:
+            fields["state"] = ""
+            fields["removed"] = True
+            time_ns = parse_time_ns(time_fired)
+        else:
+            state = str(new_state.get("state", ""))
+            fields["state"] = state
+            value = to_value(state)
+            if value is not None:
+                fields["value"] = value
+            self._attribute_fields(new_state.get("attributes") or {}, fields)
+            last_changed = new_state.get("last_changed")
+            if isinstance(last_changed, str):
+                fields["last_changed"] = epoch_of(last_changed)
+            time_ns = parse_time_ns(str(new_state.get("last_updated") or time_fired))
+            context = new_state.get("context") or context
+        if old_state is not None:
+            fields["previous_state"] = str(old_state.get("state", ""))
+        _context_fields(context, fields)
+        return Point(STATE_MEASUREMENT, tags, fields, time_ns)
+
+    def history_point(
+        self, entity_id: str, row: Mapping[str, Any], previous: Mapping[str, Any] | None
+    ) -> Point | None:
+        """A row of ``history/history_during_period`` (compressed keys ``s``, ``a``, ``lu``,
+        ``lc``) as the same point the live event made — minus context, which history lacks."""
+        if not self.entity_filter.allows(entity_id):
+            return None
+        attributes = row.get("a") or {}
+        tags = self._state_tags(entity_id, {"attributes": attributes})
+        state = str(row.get("s", ""))
+        fields: dict[str, FieldValue] = {"state": state}
+        value = to_value(state)
+        if value is not None:
+            fields["value"] = value
+        self._attribute_fields(attributes, fields)
+        last_updated = float(row["lu"])
+        fields["last_changed"] = float(row.get("lc", last_updated))
+        if previous is not None:
+            fields["previous_state"] = str(previous.get("s", ""))
+        return Point(STATE_MEASUREMENT, tags, fields, epoch_to_ns(last_updated))
+
+    def _state_tags(self, entity_id: str, state: Mapping[str, Any]) -> dict[str, str]:
+        attributes = state.get("attributes") or {}
+        tags = {
+            **self.static_tags,
+            "entity_id": entity_id,
+            "domain": entity_id.partition(".")[0],
+            "instance": self.instance,
+        }
+        device_class = attributes.get("device_class")
+        if isinstance(device_class, str):
+            tags["device_class"] = device_class
+        unit = attributes.get("unit_of_measurement")
+        if isinstance(unit, str):
+            tags["unit"] = unit
+        info = self.entity_info(entity_id)
+        if info.area:
+            tags["area"] = info.area
+        if info.device:
+            tags["device"] = info.device
+        if info.platform:
+            tags["platform"] = info.platform
+        return tags
+
+    def _attribute_fields(
+        self, attributes: Mapping[str, Any], fields: dict[str, FieldValue]
+    ) -> None:
+        excluded = self.exclude_attributes
+        kept = {k: v for k, v in attributes.items() if k not in excluded}
+        fields["attributes"] = orjson.dumps(kept, option=orjson.OPT_SORT_KEYS).decode()
+        for name, value in kept.items():
+            if type(value) is bool:
+                fields[f"attr_{name}"] = 1.0 if value else 0.0
+            elif type(value) in (int, float) and math.isfinite(value):
+                fields[f"attr_{name}"] = float(value)
+
+    # --- other events ----------------------------------------------------------------------------
+    def event_point(self, event: Mapping[str, Any]) -> Point | None:
+        event_type = str(event.get("event_type", ""))
+        if event_type in self.exclude_event_types:
+            return None
+        data = event.get("data") or {}
+        tags = {
+            **self.static_tags,
+            "event_type": event_type,
+            "origin": str(event.get("origin", "")),
+            "instance": self.instance,
+        }
+        for key in ("domain", "service"):
+            if isinstance(data.get(key), str):
+                tags[key] = data[key]
+        entity_id = _single_entity(data)
+        if entity_id is not None:
+            if not self.entity_filter.allows(entity_id):
+                return None
+            tags["entity_id"] = entity_id
+        fields: dict[str, FieldValue] = {"data": orjson.dumps(data).decode()}
+        if isinstance(data.get("name"), str):
+            fields["name"] = data["name"]
+        _context_fields(event.get("context"), fields)
+        return Point(EVENT_MEASUREMENT, tags, fields, parse_time_ns(str(event["time_fired"])))
+
+    def map_event(self, event: Mapping[str, Any]) -> Point | None:
+        """Any bus event → its point, or None when a filter leaves it out."""
+        if event.get("event_type") == "state_changed":
+            data = event.get("data") or {}
+            return self.state_point(
+                str(data.get("entity_id", "")),
+                data.get("new_state"),
+                data.get("old_state"),
+                str(event["time_fired"]),
+                event.get("context"),
+            )
+        return self.event_point(event)
+
+
+def _single_entity(data: Mapping[str, Any]) -> str | None:
+    for holder in (data, data.get("service_data") or {}):
+        if not isinstance(holder, Mapping):
+            continue
+        entity = holder.get("entity_id")
+        if isinstance(entity, str) and "," not in entity:
+            return entity
+        if isinstance(entity, list) and len(entity) == 1 and isinstance(entity[0], str):
+            return entity[0]
+    return None
+
+
+def _context_fields(context: Mapping[str, Any] | None, fields: dict[str, FieldValue]) -> None:
+    if not context:
+        return
+    for key, name in (
+        ("id", "context_id"),
+        ("user_id", "context_user_id"),
+        ("parent_id", "context_parent_id"),
+    ):
+        value = context.get(key)
+        if isinstance(value, str) and value:
+            fields[name] = value
