@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.homeassistant import HomeAssistant
+
+
+@pytest.fixture(scope="session")
+def home_assistant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HomeAssistant]:
+    """One Home Assistant for the session: starting it takes a while."""
+    server = HomeAssistant(tmp_path_factory.mktemp("homeassistant"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh_home_assistant(tmp_path: Path) -> Iterator[HomeAssistant]:
+    """A Home Assistant of the test's own, for tests that stop or restart it."""
+    server = HomeAssistant(tmp_path / "homeassistant")
+    server.start()
+    yield server
+    server.stop()
