@@ -70,6 +70,7 @@ class Service:
         self._stop = asyncio.Event()
         self.http_port: int | None = None
         self.ready = asyncio.Event()  # set once every component has started
+        self.sources: dict[str, Any] = {}
 
     def stop(self) -> None:
         self._stop.set()
@@ -102,7 +103,7 @@ class Service:
             client = InfluxClient(settings, influx_session)
             writer = InfluxWriter(settings, client, buffer, telemetry)
             readiness = Readiness(settings, telemetry, buffer)
-            sources = self._sources(settings, buffer, checkpoints, ha_session)
+            sources = self.sources = self._sources(settings, buffer, checkpoints, ha_session)
             async with HttpServer(
                 settings.http_host, settings.http_port, telemetry, buffer, readiness
             ) as http:

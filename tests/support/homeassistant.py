@@ -166,16 +166,8 @@ class HomeAssistant(ServerProcess):
             ) as response:
                 response.raise_for_status()
                 access_token = (await response.json())["access_token"]
-            headers = {"Authorization": f"Bearer {access_token}"}
-            for step, body in (
-                ("core_config", {}),
-                ("analytics", {}),
-                ("integration", {"client_id": client_id, "redirect_uri": client_id}),
-            ):
-                async with session.post(
-                    f"{self.url}/api/onboarding/{step}", json=body, headers=headers
-                ) as response:
-                    await response.read()
+            # The remaining onboarding steps are left alone on purpose: finishing core_config
+            # adds cloud integrations (met, radio_browser...) that stall a restart offline.
             async with session.ws_connect(f"{self.url}/api/websocket") as ws:
                 await ws.receive_json()
                 await ws.send_json({"type": "auth", "access_token": access_token})

@@ -239,7 +239,7 @@ class HomeAssistantSource:
         self._next_id += 1
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[message_id] = future
-        await ws.send_bytes(orjson.dumps({"id": message_id, "type": command, **payload}))
+        await ws.send_str(orjson.dumps({"id": message_id, "type": command, **payload}).decode())
         frame = await asyncio.wait_for(future, _CALL_TIMEOUT)
         if frame.get("type") == "pong":
             return None

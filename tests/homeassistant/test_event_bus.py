@@ -1,0 +1,225 @@
+"""The WebSocket source against a real Home Assistant, stored in a real InfluxDB 1.x."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.service import RunningService, run_service, service_env
+from tests.support.homeassistant import HomeAssistant
+from tests.support.servers import InfluxDB1
+from tests.support.waiting import wait_for
+
+pytestmark = [pytest.mark.homeassistant, pytest.mark.timeout(300)]
+
+
+def stored_states(service: RunningService, since: float, prefix: str = "") -> set[tuple[str, int]]:
+    rows = service.influx.rows(
+        f"SELECT state FROM ha_state WHERE time >= {int(since * 1e9)} GROUP BY entity_id",
+        service.database,
+    )
+    return {
+        (row["entity_id"], row["time"] // 1000)
+        for row in rows
+        if row["entity_id"].startswith(prefix)
+    }
+
+
+def stored_point_count(service: RunningService, since: float) -> int:
+    series = service.influx.query(
+        f"SELECT count(state) FROM ha_state WHERE time >= {int(since * 1e9)}", service.database
+    )
+    return int(series[0]["values"][0][1]) if series else 0
+
+
+async def wait_for_coverage(
+    service: RunningService,
+    ha: HomeAssistant,
+    since: float,
+    expected: dict[str, int],
+    timeout: float = 120,
+) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
+    """Wait until the recorder has the ``expected`` rows per entity-id prefix and InfluxDB holds
+    a point for every row the recorder has."""
+    recorded: set[tuple[str, int]] = set()
+    stored: set[tuple[str, int]] = set()
+
+    def covered() -> bool:
+        nonlocal recorded, stored
+        recorded = ha.recorded_states(since)
+        stored = stored_states(service, since)
+        complete = all(
+            sum(1 for entity, _ in recorded if entity.startswith(prefix)) >= count
+            for prefix, count in expected.items()
+        )
+        return complete and recorded <= stored
+
+    try:
+        await wait_for(covered, timeout=timeout, interval=0.5, message="recorder coverage")
+    except TimeoutError:
+        pass
+    return recorded, stored
+
+
+@pytest.fixture
+async def ha_service(
+    tmp_path: Path, home_assistant: HomeAssistant, influxdb: InfluxDB1, influx_db: str
+) -> AsyncIterator[RunningService]:
+    env = service_env(
+        tmp_path, influxdb, influx_db, ha_url=home_assistant.url, ha_token=home_assistant.token
+    )
+    del env["HA_INGESTOR_INSTANCE"]  # the instance tag comes from Home Assistant's location name
+    async with run_service(env, influxdb, influx_db) as service:
+        await wait_for(lambda: service.service.telemetry.is_connected("homeassistant"), timeout=30)
+        yield service
+
+
+def burst_of_state_changes(ha: HomeAssistant, prefix: str, clients: int, per_client: int) -> int:
+    """Set states from ``clients`` concurrent REST clients, as fast as Home Assistant takes them."""
+
+    def worker(client: int) -> None:
+        for i in range(per_client):
+            ha.set_state(
+                f"sensor.{prefix}_{client}",
+                str(i * 1.5),
+                {"unit_of_measurement": "°C", "device_class": "temperature", "sequence": i},
+            )
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(worker, range(clients)))
+    return clients * per_client
+
+
+async def test_every_state_change_and_event_is_stored_and_matches_the_recorder(
+    ha_service: RunningService, home_assistant: HomeAssistant
+) -> None:
+    service = ha_service
+    ha = home_assistant
+    since = time.time()
+    changes = await asyncio.to_thread(burst_of_state_changes, ha, "burst", 8, 60)
+    for _ in range(5):
+        await asyncio.to_thread(
+            ha.call_service, "input_boolean", "turn_on", entity_id="input_boolean.test_switch"
+        )
+        await asyncio.to_thread(
+            ha.call_service, "input_boolean", "turn_off", entity_id="input_boolean.test_switch"
+        )
+        await asyncio.to_thread(ha.call_service, "script", "bump_level")
+    await asyncio.to_thread(ha.set_state, "sensor.burst_gone", "unavailable")
+    await asyncio.to_thread(ha.api, "DELETE", "/api/states/sensor.burst_gone")
+
+    recorded, stored = await wait_for_coverage(service, ha, since, {"sensor.burst_": changes})
+    burst_points = {
+        s for s in stored if s[0].startswith("sensor.burst_") and s[0] != "sensor.burst_gone"
+    }
+    assert len(burst_points) == changes, "one ha_state point per state change"
+    assert recorded - stored == set(), "every recorder row is in InfluxDB"
+    # Removal is a point too (the recorder keeps no row for it); nothing else is extra.
+    extra = stored - recorded
+    assert {entity for entity, _ in extra} <= {"sensor.burst_gone"}
+    assert stored_point_count(service, since) == len(stored), "no duplicates"
+
+    rows = service.influx.rows(
+        f"SELECT * FROM ha_state WHERE entity_id = 'sensor.burst_0' AND time >= {int(since * 1e9)}",
+        service.database,
+    )
+    first = rows[0]
+    assert first["domain"] == "sensor"
+    assert first["unit"] == "°C"
+    assert first["device_class"] == "temperature"
+    assert first["instance"] == "Test Home"
+    assert first["state"] == "0.0"
+    assert first["value"] == 0.0
+    assert first["attr_sequence"] == 0.0
+    assert json.loads(first["attributes"])["sequence"] == 0
+    assert first["context_id"]
+
+    removed = service.influx.rows(
+        f"SELECT * FROM ha_state WHERE entity_id = 'sensor.burst_gone' AND time >= {int(since * 1e9)}",
+        service.database,
+    )
+    assert [r["state"] for r in removed] == ["unavailable", ""]
+    assert removed[-1]["removed"] is True
+
+    def events(where: str) -> list[dict[str, object]]:
+        return service.influx.rows(
+            f"SELECT * FROM ha_event WHERE {where} AND time >= {int(since * 1e9)}", service.database
+        )
+
+    await wait_for(lambda: len(events("event_type = 'script_started'")) == 5, timeout=30)
+    calls = events("event_type = 'call_service' AND domain = 'input_boolean'")
+    assert len(calls) == 10
+    assert {c["service"] for c in calls} == {"turn_on", "turn_off"}
+    assert {c["entity_id"] for c in calls} == {"input_boolean.test_switch"}
+    automations = events("event_type = 'automation_triggered'")
+    assert len(automations) == 5
+    assert automations[0]["entity_id"] == "automation.level_up_when_the_switch_turns_on"
+    assert automations[0]["name"] == "Level up when the switch turns on"
+    scripts = events("event_type = 'script_started'")
+    assert scripts[0]["entity_id"] == "script.bump_level"
+    assert json.loads(str(scripts[0]["data"]))["name"] == "Bump level"
+
+    log = ha.log_text().lower()
+    assert "pending messages" not in log and "slow" not in log, "no slow-consumer disconnects"
+    assert service.metric("ha_ingestor_events_received_total", source="homeassistant") > changes
+
+
+async def test_a_restart_of_home_assistant_is_backfilled_without_duplicates(
+    tmp_path: Path, fresh_home_assistant: HomeAssistant, influxdb: InfluxDB1, influx_db: str
+) -> None:
+    ha = fresh_home_assistant
+    env = service_env(tmp_path, influxdb, influx_db, ha_url=ha.url, ha_token=ha.token)
+    since = time.time()
+    async with run_service(env, influxdb, influx_db) as service:
+        await wait_for(lambda: service.service.telemetry.is_connected("homeassistant"), timeout=30)
+        await asyncio.to_thread(burst_of_state_changes, ha, "before", 2, 20)
+        await asyncio.to_thread(ha.stop)
+        await wait_for(
+            lambda: not service.service.telemetry.is_connected("homeassistant"), timeout=30
+        )
+        await asyncio.to_thread(ha.start)
+        # Changes right after Home Assistant is back, while the ingestor is still reconnecting.
+        await asyncio.to_thread(burst_of_state_changes, ha, "during", 2, 20)
+        await wait_for(lambda: service.service.telemetry.is_connected("homeassistant"), timeout=60)
+        await asyncio.to_thread(burst_of_state_changes, ha, "after", 2, 20)
+        recorded, stored = await wait_for_coverage(
+            service, ha, since, {"sensor.before_": 40, "sensor.during_": 40, "sensor.after_": 40}
+        )
+        assert recorded - stored == set(), "every change made around the restart is stored"
+        assert stored_point_count(service, since) == len(stored), "no duplicates"
+        assert service.metric("ha_ingestor_backfilled_points_total") > 0
+        assert service.service.telemetry.connections["homeassistant"].reconnects >= 1
+
+
+async def test_a_wrong_token_fails_clearly_without_a_reconnect_storm(
+    tmp_path: Path, home_assistant: HomeAssistant, influxdb: InfluxDB1, influx_db: str
+) -> None:
+    env = service_env(
+        tmp_path, influxdb, influx_db, ha_url=home_assistant.url, ha_token="not-a-valid-token"
+    )
+    async with run_service(env, influxdb, influx_db) as service:
+        telemetry = service.service.telemetry
+        await wait_for(
+            lambda: (
+                "homeassistant" in telemetry.connections
+                and telemetry.connections["homeassistant"].state.value == "failed"
+            ),
+            timeout=30,
+        )
+        await asyncio.sleep(3)  # a storm would show up as more attempts by now
+        source = service.service.sources["homeassistant"]
+        assert source.connection_attempts == 1
+        status, body = await service.get("/readyz")
+        assert status == 503
+        assert "auth_invalid" in json.loads(body)["not_ready"]["homeassistant"]
+        status, _ = await service.get("/healthz")
+        assert status == 200
+        errors = [e for e in telemetry.recent_errors if e.component == "homeassistant"]
+        assert len(errors) == 1
+        assert "not-a-valid-token" not in errors[0].error
