@@ -44,7 +44,7 @@ INTEGRATIONS = [
 
 
 def main() -> None:
-    import homeassistant.components as components
+    from homeassistant import components
 
     root = Path(components.__file__).parent
     seen: set[str] = set()

@@ -126,7 +126,7 @@ class HomeAssistant(ServerProcess):
 
     def is_up(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.url}/api/onboarding", timeout=1) as response:  # noqa: S310
+            with urllib.request.urlopen(f"{self.url}/api/onboarding", timeout=1) as response:
                 return bool(response.status == 200)
         except OSError:
             return False
@@ -186,13 +186,13 @@ class HomeAssistant(ServerProcess):
     # --- REST helpers ----------------------------------------------------------------------------
     def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(  # noqa: S310
+        request = urllib.request.Request(
             self.url + path,
             data=data,
             method=method,
             headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=30) as response:
             raw = response.read()
         return json.loads(raw) if raw else None
 
