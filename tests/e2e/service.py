@@ -86,6 +86,11 @@ async def run_service(
     if task.done():
         task.result()
     assert service.ready.is_set(), "service did not start"
+    if service.settings.mqtt_enabled:  # subscribed: nothing published from now on is missed
+        for _ in range(300):
+            if service.telemetry.is_connected("mqtt"):
+                break
+            await asyncio.sleep(0.1)
     try:
         yield RunningService(service, influx, database, registry)
     finally:

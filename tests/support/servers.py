@@ -121,6 +121,10 @@ class Mosquitto(ServerProcess):
             "log_type error",
             "log_type warning",
         ]
+        if os.getuid() == 0:
+            # As root, mosquitto switches to the "mosquitto" user, who may not write the
+            # persistence file into this test's private directory.
+            lines.append("user root")
         if self.users:
             password_file = self.directory / "passwords"
             password_file.write_text("".join(f"{u}:{p}\n" for u, p in self.users.items()))

@@ -18,6 +18,7 @@ import hashlib
 import re
 import ssl
 import time
+from collections import OrderedDict
 from time import monotonic
 from typing import Any
 
@@ -103,6 +104,26 @@ class RetainedReplays:
         return False
 
 
+class Redeliveries:
+    """Recognises QoS 1/2 messages the broker sends again (DUP flag) after a connection broke
+    before our acknowledgement arrived: they are already in the spool, so storing them again
+    would duplicate them. Remembers the most recent messages per (topic, payload)."""
+
+    def __init__(self, capacity: int = 65_536) -> None:
+        self._recent: OrderedDict[tuple[str, bytes], None] = OrderedDict()
+        self._capacity = capacity
+
+    def seen(self, topic: str, payload: bytes, redelivery: bool) -> bool:
+        key = (topic, RetainedReplays._fingerprint(payload))
+        recent = self._recent
+        if redelivery and key in recent:
+            return True
+        recent[key] = None
+        if len(recent) > self._capacity:
+            recent.popitem(last=False)
+        return False
+
+
 class MqttSource:
     """Feeds ``mqtt_message`` lines into the buffer until cancelled."""
 
@@ -124,6 +145,7 @@ class MqttSource:
         self._include = TopicFilters(settings.mqtt_topics)
         self._exclude = TopicFilters(settings.mqtt_exclude_topics)
         self._replays = RetainedReplays()
+        self._redeliveries = Redeliveries()
         self._received = telemetry.metrics.events_received.labels(TARGET)
         self._last_ns = 0
         self._protocol = MQTTv311 if settings.mqtt_protocol == "3.1.1" else MQTTv50
@@ -219,7 +241,19 @@ class MqttSource:
         subscriptions = [
             gmqtt.Subscription(f, qos=settings.mqtt_qos, retain_handling_options=1) for f in filters
         ]
+        subscribed: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+
+        def on_subscribe(_client: Any, _mid: int, granted: list[int], _properties: Any) -> None:
+            if not subscribed.done():
+                subscribed.set_result(list(granted))
+
+        client.on_subscribe = on_subscribe
         client.subscribe(subscriptions)
+        # Connected means subscribed: a message published after readiness must not be missed.
+        granted = await asyncio.wait_for(subscribed, _CONNECT_TIMEOUT)
+        refused = [f for f, code in zip(filters, granted, strict=False) if code >= 0x80]
+        if refused:
+            raise PermissionError(f"broker refused the subscription to {', '.join(refused)}")
         self._telemetry.log.info(
             "mqtt subscribed",
             filters=filters,
@@ -276,7 +310,7 @@ class MqttSource:
                     if not byte & 0x80:
                         break
                 position += length
-            accepted = on_publish(topic, raw[position:], qos, bool(cmd & 0x01))
+            accepted = on_publish(topic, raw[position:], qos, bool(cmd & 0x01), bool(cmd & 0x08))
             if qos == 1:
                 if accepted is None:
                     handler._send_puback(mid)
@@ -305,7 +339,7 @@ class MqttSource:
         handler._handle_packet = handle_packet
 
     def _on_publish(
-        self, topic: str, payload: bytes, qos: int, retained: bool
+        self, topic: str, payload: bytes, qos: int, retained: bool, redelivery: bool = False
     ) -> asyncio.Future[None] | None:
         """Encode and buffer one message; returns the future of its durability, or None when
         the message is not stored (excluded, replayed) and may be acknowledged at once."""
@@ -320,6 +354,9 @@ class MqttSource:
             return None
         if self._replays.is_replay(topic, payload, retained):
             self._telemetry.dropped("retained_replay", intentional=True)
+            return None
+        if qos and self._redeliveries.seen(topic, payload, redelivery):
+            self._telemetry.dropped("duplicate_redelivery", intentional=True)
             return None
         line = self._encoder.encode(topic, payload, qos, retained, time_ns)
         accepted = self._buffer.add(line)
