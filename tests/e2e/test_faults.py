@@ -248,11 +248,11 @@ def start_ingestor(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def wait_ready(port: int, timeout: float = 30) -> None:
+def wait_ready(port: int, timeout: float = 30, path: str = "/readyz") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as response:
                 if response.status == 200:
                     return
         except OSError:
