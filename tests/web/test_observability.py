@@ -162,7 +162,8 @@ async def test_status_page_renders_live_data_in_headless_chromium(
         )
     html = dom.stdout
     assert "HA Ingestor" in html
-    assert ">mqtt<" in html and ">influxdb<" in html, "connections are listed"
+    assert ">mqtt<" in html, "connections are listed"
+    assert ">influxdb<" in html
     assert 'class="state connected"' in html
     assert '<path d="M' in html, "the rate chart has a line"
     assert "received mqtt" in html
