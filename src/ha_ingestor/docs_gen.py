@@ -29,8 +29,14 @@ def _type_name(annotation: Any) -> str:
         return " / ".join(f"`{member.value}`" for member in annotation)
     text = str(annotation) if not isinstance(annotation, type) else annotation.__name__
     text = text.replace("pathlib.", "").replace(" | None", "")
-    return {"list[str]": "list", "Path": "path", "bool": "`true` / `false`", "str": "text",
-            "int": "integer", "float": "number"}.get(text, text)
+    return {
+        "list[str]": "list",
+        "Path": "path",
+        "bool": "`true` / `false`",
+        "str": "text",
+        "int": "integer",
+        "float": "number",
+    }.get(text, text)
 
 
 def _default(field: Any) -> str:

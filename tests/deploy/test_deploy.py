@@ -31,7 +31,14 @@ def load_compose() -> dict[str, Any]:
 def test_compose_wires_the_stack_with_health_checks_and_known_settings() -> None:
     compose = load_compose()
     services = compose["services"]
-    assert set(services) >= {"mosquitto", "influxdb", "homeassistant", "ha-ingestor", "grafana", "prometheus"}
+    assert set(services) >= {
+        "mosquitto",
+        "influxdb",
+        "homeassistant",
+        "ha-ingestor",
+        "grafana",
+        "prometheus",
+    }
     for name, service in services.items():
         assert "healthcheck" in service, f"{name} has a health check"
     ingestor = services["ha-ingestor"]
@@ -76,7 +83,10 @@ def test_kubernetes_manifests_have_probes_spool_volume_and_secret() -> None:
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert config["HA_INGESTOR_SPOOL_DIR"].startswith(mounts["spool"])
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
-    assert volumes["spool"]["persistentVolumeClaim"]["claimName"] == docs["PersistentVolumeClaim"]["metadata"]["name"]
+    assert (
+        volumes["spool"]["persistentVolumeClaim"]["claimName"]
+        == docs["PersistentVolumeClaim"]["metadata"]["name"]
+    )
     assert volumes["secrets"]["secret"]["secretName"] == docs["Secret"]["metadata"]["name"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert set(env) <= KNOWN_VARIABLES
@@ -122,8 +132,16 @@ def dashboard(name: str) -> dict[str, Any]:
 def test_health_dashboard_uses_only_metrics_the_service_exports() -> None:
     registry = CollectorRegistry()
     Metrics(registry)
-    names = {sample_name for family in registry.collect() for sample_name in
-             [family.name, family.name + "_total", family.name + "_bucket", family.name + "_info"]}
+    names = {
+        sample_name
+        for family in registry.collect()
+        for sample_name in [
+            family.name,
+            family.name + "_total",
+            family.name + "_bucket",
+            family.name + "_info",
+        ]
+    }
     for panel in dashboard("ha-ingestor-health.json")["panels"]:
         for target in panel["targets"]:
             used = set(re.findall(r"ha_ingestor_[a-z_]+", target["expr"]))
@@ -140,21 +158,39 @@ def activity_database(influxdb: InfluxDB1) -> str:
     lines = []
     for i in range(60):
         t = now + i * 1_000_000_000
-        lines.append(f'ha_state,domain=sensor,entity_id=sensor.kitchen_temperature,instance=home,unit=°C '
-                     f'state="{20 + i / 10}",value={20 + i / 10},attributes="{{}}" {t}')
-        lines.append(f'ha_state,domain=light,entity_id=light.hall,instance=home state="{"on" if i % 2 else "unavailable"}" {t + 1}')
-        lines.append(f'ha_event,domain=light,event_type=call_service,instance=home,service=turn_on data="{{}}" {t + 2}')
-        lines.append(f'ha_event,entity_id=automation.night,event_type=automation_triggered,instance=home data="{{}}",name="Night" {t + 3}')
-        lines.append(f'ha_event,entity_id=script.bump,event_type=script_started,instance=home data="{{}}",name="Bump" {t + 4}')
-        lines.append(f'mqtt_message,instance=home,topic=zigbee2mqtt/kitchen payload="{{}}",qos=0i,retained=false,size=2i {t + 5}')
+        lines.append(
+            f"ha_state,domain=sensor,entity_id=sensor.kitchen_temperature,instance=home,unit=°C "
+            f'state="{20 + i / 10}",value={20 + i / 10},attributes="{{}}" {t}'
+        )
+        lines.append(
+            f'ha_state,domain=light,entity_id=light.hall,instance=home state="{"on" if i % 2 else "unavailable"}" {t + 1}'
+        )
+        lines.append(
+            f'ha_event,domain=light,event_type=call_service,instance=home,service=turn_on data="{{}}" {t + 2}'
+        )
+        lines.append(
+            f'ha_event,entity_id=automation.night,event_type=automation_triggered,instance=home data="{{}}",name="Night" {t + 3}'
+        )
+        lines.append(
+            f'ha_event,entity_id=script.bump,event_type=script_started,instance=home data="{{}}",name="Bump" {t + 4}'
+        )
+        lines.append(
+            f'mqtt_message,instance=home,topic=zigbee2mqtt/kitchen payload="{{}}",qos=0i,retained=false,size=2i {t + 5}'
+        )
     influxdb.write(database, "\n".join(lines))
     return database
 
 
-def test_every_data_dashboard_query_runs_and_returns_data(influxdb: InfluxDB1, activity_database: str) -> None:
+def test_every_data_dashboard_query_runs_and_returns_data(
+    influxdb: InfluxDB1, activity_database: str
+) -> None:
     board = dashboard("home-assistant-activity.json")
     time_filter = "time >= 1794999990000000000 AND time <= 1795000100000000000"
-    macros = {"$timeFilter": time_filter, "$__interval": "10s", "$entity": "sensor.kitchen_temperature"}
+    macros = {
+        "$timeFilter": time_filter,
+        "$__interval": "10s",
+        "$entity": "sensor.kitchen_temperature",
+    }
     queries = [t["query"] for p in board["panels"] for t in p["targets"]]
     queries += [v["query"] for v in board["templating"]["list"]]
     for query in queries:
@@ -166,5 +202,7 @@ def test_every_data_dashboard_query_runs_and_returns_data(influxdb: InfluxDB1, a
 
 
 def test_docs_gen_runs_as_a_module() -> None:
-    result = subprocess.run([sys.executable, "-m", "ha_ingestor.docs_gen"], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "ha_ingestor.docs_gen"], capture_output=True, text=True, check=True
+    )
     assert result.stdout.startswith("# Configuration reference")

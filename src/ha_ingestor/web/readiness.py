@@ -1,4 +1,16 @@
-"""Readiness: every enabled source connected, and the sink writing or safely spooling."""
+"""Readiness: every enabled source connected, and the sink writing or safely spooling.
+
+Ready means all of:
+
+- every enabled source (``mqtt`` when ``HA_INGESTOR_MQTT_HOST`` is set, ``homeassistant`` when
+  the URL and token are set) is ``connected``;
+- the sink (``influxdb``) has not ``failed`` (401/403: it needs the user, retrying cannot help);
+- the sink is ``connected``, or the durable spool is on and below :data:`SPOOL_FULL_FRACTION`
+  of its cap, so whatever arrives while InfluxDB is away is kept.
+
+:func:`not_ready` is a pure function of its inputs; :class:`Readiness` binds them for the
+HTTP server.
+"""
 
 from __future__ import annotations
 
@@ -6,50 +18,74 @@ from datetime import UTC, datetime
 
 from ha_ingestor.config import Settings
 from ha_ingestor.pipeline.buffer import Buffer
-from ha_ingestor.telemetry import ConnState, Telemetry
+from ha_ingestor.telemetry import Connection, ConnState, Telemetry
+
+SINK = "influxdb"
+
+#: Above this share of ``HA_INGESTOR_SPOOL_MAX_BYTES`` the spool is about to drop data: it no
+#: longer counts as safely spooling. (The spool evicts to stay under the cap, so it never
+#: reports exactly 100 %.)
+SPOOL_FULL_FRACTION = 0.95
+
+
+def enabled_sources(settings: Settings) -> list[str]:
+    """Connection names of the sources this configuration runs."""
+    return [
+        name
+        for name, enabled in (
+            ("mqtt", settings.mqtt_enabled),
+            ("homeassistant", settings.ha_enabled),
+        )
+        if enabled
+    ]
+
+
+def not_ready(
+    settings: Settings, connections: dict[str, Connection], depth: tuple[int, int]
+) -> dict[str, str]:
+    """What is not ready, by component, as a human-readable reason; empty when ready.
+
+    ``connections`` is :attr:`Telemetry.connections`, ``depth`` is :meth:`Buffer.depth`.
+    """
+    problems: dict[str, str] = {}
+    for target in enabled_sources(settings):
+        conn = connections.get(target)
+        if conn is None:
+            problems[target] = "not started"
+        elif conn.state != ConnState.CONNECTED:
+            problems[target] = describe(conn)
+    sink = connections.get(SINK)
+    if sink is not None and sink.state == ConnState.FAILED:
+        problems[SINK] = describe(sink)
+    elif sink is None or sink.state != ConnState.CONNECTED:
+        state = describe(sink) if sink is not None else "not connected yet"
+        if not settings.spool_enabled:
+            problems[SINK] = f"{state}; spool disabled, nothing is kept safe"
+        else:
+            used = depth[1] / settings.spool_max_bytes
+            if used >= SPOOL_FULL_FRACTION:
+                problems[SINK] = f"{state}; spool {used:.0%} full"
+    return problems
+
+
+def describe(conn: Connection) -> str:
+    """``reconnecting since 2026-01-02T03:04:05+00:00: connection refused``."""
+    since = datetime.fromtimestamp(conn.since, UTC).isoformat(timespec="seconds")
+    text = f"{conn.state.value} since {since}"
+    return f"{text}: {conn.last_error}" if conn.last_error else text
 
 
 class Readiness:
+    """Readiness of one running service (what ``/readyz`` answers)."""
+
     def __init__(self, settings: Settings, telemetry: Telemetry, buffer: Buffer) -> None:
-        self._settings = settings
+        self.settings = settings
         self._telemetry = telemetry
         self._buffer = buffer
-        self._sources = [
-            name
-            for name, enabled in (
-                ("mqtt", settings.mqtt_enabled),
-                ("homeassistant", settings.ha_enabled),
-            )
-            if enabled
-        ]
 
     def problems(self) -> dict[str, str]:
         """What is not ready, by component; empty when ready."""
-        problems: dict[str, str] = {}
-        for target in self._sources:
-            conn = self._telemetry.connections.get(target)
-            if conn is None or conn.state != ConnState.CONNECTED:
-                problems[target] = _describe(conn.state if conn else ConnState.CONNECTING, conn)
-        sink = self._telemetry.connections.get("influxdb")
-        if sink is not None and sink.state == ConnState.FAILED:
-            problems["influxdb"] = _describe(sink.state, sink)
-        elif sink is None or sink.state != ConnState.CONNECTED:
-            spooling = self._settings.spool_enabled
-            _, size = self._buffer.depth()
-            if not spooling or size >= self._settings.spool_max_bytes:
-                state = sink.state if sink else ConnState.CONNECTING
-                problems["influxdb"] = _describe(state, sink) + (
-                    "" if spooling else " (spool disabled: nothing is safe)"
-                )
-        return problems
+        return not_ready(self.settings, self._telemetry.connections, self._buffer.depth())
 
-
-def _describe(state: ConnState, conn: object | None) -> str:
-    since = getattr(conn, "since", None)
-    error = getattr(conn, "last_error", None)
-    text = state.value
-    if since:
-        text += " since " + datetime.fromtimestamp(since, UTC).isoformat(timespec="seconds")
-    if error:
-        text += f": {error}"
-    return text
+    def is_ready(self) -> bool:
+        return not self.problems()
