@@ -193,7 +193,8 @@ def test_every_data_dashboard_query_runs_and_returns_data(
     }
     queries = [t["query"] for p in board["panels"] for t in p["targets"]]
     queries += [v["query"] for v in board["templating"]["list"]]
-    for query in queries:
+    for template in queries:
+        query = template
         for macro, value in macros.items():
             query = query.replace(macro, value)
         series = influxdb.query(query, activity_database)
