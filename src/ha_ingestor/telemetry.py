@@ -8,6 +8,7 @@ in keys. Connection state changes are logged once per change, never once per ret
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from collections import deque
@@ -245,6 +246,32 @@ class Telemetry:
         self.recent_errors.append(ErrorRecord(self.clock(), component, error))
 
 
+REDACTED = "[redacted]"
+_SECRET_KEY = re.compile(r"token|passw|secret|authorization|api_?key|credential", re.IGNORECASE)
+# ``scheme://user:password@host`` and ``Authorization: Bearer <token>``-like text inside values.
+_URL_PASSWORD = re.compile(r"(?<=://)([^/\s:@]*):[^/\s@]+@")
+_AUTH_HEADER = re.compile(
+    r"\b(Bearer|Token|Basic)\s+(?=[\w.~+/=-]*[\d.~+/=-])[\w.~+/=-]{8,}"  # a digit or symbol: not a word
+)
+
+
+def redact_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Processor: defence in depth so a secret passed to a log call never reaches the output.
+
+    Values of keys named like a secret (``token``, ``password``, ``secret``, ...) are replaced;
+    passwords in URLs and bearer/basic credentials are masked inside any string value.
+    """
+    for key, value in event.items():
+        if value is None or isinstance(value, bool):
+            continue
+        if _SECRET_KEY.search(key):
+            event[key] = REDACTED
+        elif isinstance(value, str) and ("@" in value or " " in value):
+            masked = _URL_PASSWORD.sub(rf"\1:{REDACTED}@", value)
+            event[key] = _AUTH_HEADER.sub(rf"\1 {REDACTED}", masked)
+    return event
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json", stream: Any = None) -> None:
     """Route structlog and the standard library's logging to JSON lines (or console text)."""
     renderer: Any
@@ -272,6 +299,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream: Any = None
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
+            redact_secrets,
             renderer,
         ],
     )
