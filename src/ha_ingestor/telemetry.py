@@ -12,7 +12,7 @@ import re
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -255,7 +255,7 @@ _AUTH_HEADER = re.compile(
 )
 
 
-def redact_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Processor: defence in depth so a secret passed to a log call never reaches the output.
 
     Values of keys named like a secret (``token``, ``password``, ``secret``, ...) are replaced;
