@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import os
 import shutil
 import signal
@@ -164,9 +165,8 @@ async def test_status_page_renders_live_data_in_headless_chromium(
     assert "HA Ingestor" in html
     assert ">mqtt<" in html, "connections are listed"
     assert ">influxdb<" in html
-    assert 'class="state connected"' in html
-    assert '<path d="M' in html, "the rate chart has a line"
-    assert "received mqtt" in html
+    assert "connected" in html
+    assert re.search(r'<path[^>]* d="M[^"]*L', html), "the rate chart has a line"
     width, height, colours = png_summary(screenshot.read_bytes())
     assert (width, height) == (1200, 900)
     assert colours > 20, "the page is not blank"
