@@ -7,8 +7,8 @@ import math
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from influxdb_client import Point as OraclePoint
 from influxdb_client.client.write.point import DEFAULT_WRITE_PRECISION
+from influxdb_client.client.write.point import Point as OraclePoint
 
 from ha_ingestor.record import Point
 from ha_ingestor.sinks.line_protocol import encode_point, series_key
@@ -17,7 +17,7 @@ from tests.support.servers import InfluxDB1
 # Names without backslashes or newlines: there the official client and InfluxDB 1.x/2.x
 # disagree (the client escapes backslashes, the server stores them literally), see the module.
 name_text = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="\\\n\r\t"),
+    alphabet=st.characters(blacklist_categories=["Cs", "Cc"], blacklist_characters="\\\n\r\t"),
     min_size=1,
     max_size=20,
 ).filter(lambda s: not s.startswith("_") and s.strip() == s and s != "time")
@@ -25,7 +25,7 @@ field_values = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False),
     st.integers(min_value=-(2**63), max_value=2**63 - 1),
     st.booleans(),
-    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30),
+    st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=30),
 )
 
 
@@ -42,8 +42,8 @@ def test_encoding_matches_the_official_client(
     fields = dict(sorted(fields.items()))  # the client sorts fields; their order has no meaning
     ours = encode_point(Point(measurement, tags, fields, time_ns))  # type: ignore[arg-type]
     oracle = OraclePoint(measurement)
-    for key, value in tags.items():
-        oracle.tag(key, value)
+    for key, tag in tags.items():
+        oracle.tag(key, tag)
     for key, value in fields.items():
         oracle.field(key, value)
     oracle.time(time_ns, DEFAULT_WRITE_PRECISION)
