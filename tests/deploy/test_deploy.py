@@ -207,3 +207,9 @@ def test_docs_gen_runs_as_a_module() -> None:
         [sys.executable, "-m", "ha_ingestor.docs_gen"], capture_output=True, text=True, check=True
     )
     assert result.stdout.startswith("# Configuration reference")
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run([str(hadolint), str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
