@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import os
+import re
 import shutil
 import signal
-import struct
 import subprocess
-import zlib
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from tests.e2e.test_faults import numbered, start_ingestor, wait_ready
 from tests.support.mqtt_publisher import Message, publish_many
 from tests.support.servers import InfluxDB1, Mosquitto, free_port
 from tests.support.waiting import wait_for
+from tests.web.support import read_png
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -167,28 +166,6 @@ async def test_status_page_renders_live_data_in_headless_chromium(
     assert ">influxdb<" in html
     assert "connected" in html
     assert re.search(r'<path[^>]* d="M[^"]*L', html), "the rate chart has a line"
-    width, height, colours = png_summary(screenshot.read_bytes())
-    assert (width, height) == (1200, 900)
-    assert colours > 20, "the page is not blank"
-
-
-def png_summary(data: bytes) -> tuple[int, int, int]:
-    """Width, height and a count of distinct colours of an 8-bit RGB(A) PNG."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height, depth, colour_type = struct.unpack(">IIBB", data[16:26])
-    chunks, pos = [], 8
-    while pos < len(data):
-        length = struct.unpack(">I", data[pos : pos + 4])[0]
-        if data[pos + 4 : pos + 8] == b"IDAT":
-            chunks.append(data[pos + 8 : pos + 8 + length])
-        pos += 12 + length
-    raw = zlib.decompress(b"".join(chunks))
-    channels = {2: 3, 6: 4}[colour_type]
-    stride = width * channels + 1
-    colours = {
-        raw[row * stride + 1 + x * channels : row * stride + 1 + x * channels + 3]
-        for row in range(0, height, 7)
-        for x in range(0, width, 7)
-    }
-    assert depth == 8
-    return width, height, len(colours)
+    image = read_png(screenshot.read_bytes())
+    assert (image.width, image.height) == (1200, 900)
+    assert len(image.colours(step=7)) > 20, "the page is not blank"

@@ -200,7 +200,9 @@ class HttpServer:
                 "durable": settings.spool_enabled,
                 "max_bytes": settings.spool_max_bytes if settings.spool_enabled else None,
             },
-            "queues": {k: v for k, v in _by_label(metrics.queue_depth, "queue").items() if k},
+            "queues": {  # in-memory queues besides the buffer itself
+                k: v for k, v in _by_label(metrics.queue_depth, "queue").items() if k != "buffer"
+            },
             "counters": {
                 "received": _by_label(metrics.events_received, "source"),
                 "written": _by_label(metrics.points_written, "measurement"),
