@@ -223,3 +223,30 @@ async def test_a_wrong_token_fails_clearly_without_a_reconnect_storm(
         errors = [e for e in telemetry.recent_errors if e.component == "homeassistant"]
         assert len(errors) == 1
         assert "not-a-valid-token" not in errors[0].error
+
+
+async def test_an_ingestor_restart_backfills_from_the_persisted_checkpoint(
+    tmp_path: Path, home_assistant: HomeAssistant, influxdb: InfluxDB1, influx_db: str
+) -> None:
+    ha = home_assistant
+    env = service_env(tmp_path, influxdb, influx_db, ha_url=ha.url, ha_token=ha.token)
+    since = time.time()
+    async with run_service(env, influxdb, influx_db) as service:
+        await wait_for(lambda: service.service.telemetry.is_connected("homeassistant"), timeout=30)
+        await asyncio.to_thread(burst_of_state_changes, ha, "running", 2, 20)
+        await wait_for(
+            lambda: len(stored_states(service, since, "sensor.running_")) == 40, timeout=30
+        )
+        await asyncio.sleep(1.5)  # the checkpoint is saved once a second
+    # The ingestor is stopped: these changes happen while nobody listens.
+    await asyncio.to_thread(burst_of_state_changes, ha, "stopped", 2, 20)
+    async with run_service(env, influxdb, influx_db) as service:  # same spool, same checkpoint
+        await wait_for(lambda: service.service.telemetry.is_connected("homeassistant"), timeout=30)
+        recorded, stored = await wait_for_coverage(
+            service, ha, since, {"sensor.running_": 40, "sensor.stopped_": 40}
+        )
+        mine = {s for s in recorded if s[0].startswith(("sensor.running_", "sensor.stopped_"))}
+        assert len(mine) == 80
+        assert mine <= stored, "the changes made while the ingestor was stopped were back-filled"
+        assert stored_point_count(service, since) == len(stored), "no duplicates"
+        assert service.metric("ha_ingestor_backfilled_points_total") >= 40

@@ -97,7 +97,7 @@ async def write_once(stub: Stub, body: bytes = b"m v=1 1", **env: str) -> tuple[
 
 
 async def test_v2_write_uses_token_org_bucket_and_ns_precision(stub: Stub) -> None:
-    client, result = await write_once(
+    _, result = await write_once(
         stub,
         influx_api="v2",
         influx_token="t0ken",
