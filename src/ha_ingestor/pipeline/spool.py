@@ -81,7 +81,7 @@ class SqliteSpool:
         overflow: OverflowPolicy = OverflowPolicy.DROP_OLDEST,
         commit_interval: float = 0.005,
         max_pending_lines: int = 100_000,
-        max_memory_bytes: int = 16 * 1024 * 1024,
+        max_memory_bytes: int = 32 * 1024 * 1024,
         synchronous: str = "FULL",
     ) -> None:
         self._directory = directory
