@@ -1,3 +1,6 @@
+"""Home Assistant fixtures: one shared instance per session (starting it takes a while) and a
+private one for tests that stop, kill or restart it."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -10,7 +13,8 @@ from tests.support.homeassistant import HomeAssistant
 
 @pytest.fixture(scope="session")
 def home_assistant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HomeAssistant]:
-    """One Home Assistant for the session: starting it takes a while."""
+    """One Home Assistant for the session. Tests must not stop it or rely on its entities
+    being untouched by other tests: use entity ids of their own."""
     server = HomeAssistant(tmp_path_factory.mktemp("homeassistant"))
     server.start()
     yield server
@@ -19,7 +23,7 @@ def home_assistant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HomeAss
 
 @pytest.fixture
 def fresh_home_assistant(tmp_path: Path) -> Iterator[HomeAssistant]:
-    """A Home Assistant of the test's own, for tests that stop or restart it."""
+    """A Home Assistant of the test's own, for tests that stop, kill or restart it."""
     server = HomeAssistant(tmp_path / "homeassistant")
     server.start()
     yield server
