@@ -1,51 +1,115 @@
-r"""InfluxDB line protocol, escaped the way InfluxDB's parsers read it.
+r"""InfluxDB line protocol, escaped so that InfluxDB stores exactly the text it was given.
 
-``measurement[,tag=value...] field=value[,field=value...] timestamp``
+``measurement[,tag_key=tag_value...] field_key=field_value[,...] timestamp``
 
-- measurement: escape ``,`` and space; tag keys, tag values and field keys: escape ``,``, ``=``
-  and space. Empty tag values are dropped.
-- Backslashes in names and tag values are written as they are: InfluxDB 1.x and 2.x store
-  ``\\`` there as two characters (only ``\,``, ``\=`` and ``\ `` are escapes), so escaping
-  them, as the official Python client does, would double every backslash in the stored value.
-  Two cases have no exact form: a trailing backslash (it would escape the separator after it) is
-  written as U+FF3C, and a newline is written as the two characters ``\n``.
-- String field values: double-quoted, ``"`` and ``\`` escaped; newlines kept as they are.
-- Floats in their shortest round-trip form, integers with an ``i`` suffix, booleans as
-  ``true``/``false``; NaN and infinities have no representation and are refused.
+Rules (each verified against a real InfluxDB 1.6.7 by ``tests/sinks``):
+
+- Measurement: ``,`` and space are escaped with a backslash. Tag keys, tag values and field
+  keys: ``,``, ``=`` and space are escaped. Tags are sorted by key (InfluxDB's preferred order)
+  and tags with an empty key or value are left out (InfluxDB cannot store them).
+- String field values: double-quoted, with ``\`` and ``"`` escaped. Newlines (and every other
+  character) are written as they are: inside quotes InfluxDB 1.x, 2.x and 3.x keep a literal
+  newline, whereas ``\n`` would be stored as the two characters backslash and ``n``. The
+  official ``influxdb-client`` does the same.
+- Floats in Python's shortest round-trip form (``repr``: ``0.1``, ``1e+300``); NaN and the
+  infinities have no line-protocol form, so :func:`encode_fields` leaves them out and
+  :func:`format_field_value` refuses them. Integers get an ``i`` suffix (signed 64-bit only),
+  booleans are ``true``/``false``.
+
+Names and tag values have a few characters that no escape can carry; they are written as the
+closest text InfluxDB can store (for newlines and tabs, the official client's rule):
+
+- A newline or a tab becomes the two characters ``\n`` / ``\t`` (a raw newline ends the line;
+  a raw tab is a separator to InfluxDB 3). A carriage return is kept (all versions store it).
+- A backslash is written as it is: InfluxDB 1.x and 2.x read only ``\,``, ``\=`` and ``\ `` as
+  escapes and store any other backslash literally (``a\\b`` is stored as two backslashes).
+  A *trailing* backslash would escape the separator after it, so it becomes U+FF3C (FULLWIDTH
+  REVERSE SOLIDUS). So does, in a measurement or field key, a backslash right before ``,``,
+  ``=``, a space or ``"``: InfluxDB 1.x reads those names in backslash pairs (and unescapes
+  measurements twice), so no escaped form of it is stored as written. Tag keys and values keep
+  such a backslash exactly. InfluxDB 3 also reads ``\\`` as one backslash: there, text with
+  two adjacent backslashes, or with a backslash right before ``,``, ``=`` or a space, is stored
+  differently.
+- A measurement may not start with ``#`` (InfluxDB would skip the line as a comment) and may not
+  be empty: :func:`escape_measurement` raises ``ValueError``.
+
+The hot path is :func:`encode_line` with a :func:`series_key` the caller caches per topic or
+entity; everything here is plain string operations.
 """
 
 from __future__ import annotations
 
-import math
+import re
+from collections.abc import Mapping
+from math import isfinite as _isfinite
 
 from ha_ingestor.record import FieldValue, Point
 
-_MEASUREMENT = str.maketrans({",": "\\,", " ": "\\ ", "\n": "\\n"})
-_KEY = str.maketrans({",": "\\,", "=": "\\=", " ": "\\ ", "\n": "\\n"})
-_SPECIAL = frozenset(",= \n\\")
+__all__ = [
+    "encode_fields",
+    "encode_line",
+    "encode_point",
+    "escape_field_key",
+    "escape_measurement",
+    "escape_string",
+    "escape_tag",
+    "format_field_value",
+    "series_key",
+]
+
 _TRAILING_BACKSLASH = "\uff3c"
-
-
-def _end(text: str) -> str:
-    return text[:-1] + _TRAILING_BACKSLASH if text.endswith("\\") else text
+# A backslash InfluxDB 1.x would read as the start of an escape pair in a measurement or field
+# key: before ",", "=", " ", '"', or at the end.
+_PAIRED_BACKSLASH = re.compile(r'\\(?=[,= "]|\Z)')
+_INT_MIN = -(2**63)
+_INT_MAX = 2**63 - 1
 
 
 def escape_measurement(name: str) -> str:
-    return _end(name.translate(_MEASUREMENT))
+    """A measurement name. Raises ValueError for an empty name or one starting with ``#``."""
+    if not name or name[0] == "#":
+        raise ValueError(f"measurement name {name!r} cannot be written in line protocol")
+    if "\\" in name:
+        name = _PAIRED_BACKSLASH.sub(_TRAILING_BACKSLASH, name)
+    # str.replace per character is several times faster than str.translate here.
+    if "," in name:
+        name = name.replace(",", "\\,")
+    if " " in name:
+        name = name.replace(" ", "\\ ")
+    if "\n" in name:
+        name = name.replace("\n", "\\n")
+    if "\t" in name:
+        name = name.replace("\t", "\\t")
+    return name
 
 
 def escape_tag(text: str) -> str:
-    """Escape a tag key, tag value or field key."""
-    if _SPECIAL.isdisjoint(text):
-        return text
-    return _end(text.translate(_KEY))
+    """A tag key or tag value."""
+    if "," in text:
+        text = text.replace(",", "\\,")
+    if "=" in text:
+        text = text.replace("=", "\\=")
+    if " " in text:
+        text = text.replace(" ", "\\ ")
+    if "\n" in text:
+        text = text.replace("\n", "\\n")
+    if "\t" in text:
+        text = text.replace("\t", "\\t")
+    if text and text[-1] == "\\":
+        text = text[:-1] + _TRAILING_BACKSLASH
+    return text
 
 
-escape_field_key = escape_tag
+def escape_field_key(key: str) -> str:
+    """A field key. As :func:`escape_tag`, except that a backslash right before ``,``, ``=``,
+    a space or ``"`` also becomes U+FF3C (see the module docstring)."""
+    if "\\" in key:
+        key = _PAIRED_BACKSLASH.sub(_TRAILING_BACKSLASH, key)
+    return escape_tag(key)
 
 
 def escape_string(text: str) -> str:
-    """A quoted string field value."""
+    """A string field value, quoted."""
     if "\\" in text:
         text = text.replace("\\", "\\\\")
     if '"' in text:
@@ -54,47 +118,73 @@ def escape_string(text: str) -> str:
 
 
 def format_field_value(value: FieldValue) -> str:
-    # bool before int: bool is a subclass of int.
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, int):
-        return f"{value}i"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{value} cannot be written as an InfluxDB float")
+    """One field value. Raises ValueError for NaN, infinities and integers beyond 64 bits."""
+    # Exact type checks first (fast, and bool before int: bool is a subclass of int).
+    if type(value) is float:
+        if not _isfinite(value):
+            raise ValueError(f"{value} has no line-protocol form")
         return repr(value)
-    return escape_string(value)
+    if type(value) is str:
+        return escape_string(value)
+    if type(value) is bool:
+        return "true" if value else "false"
+    if type(value) is int:
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise ValueError(f"{value} does not fit a 64-bit InfluxDB integer")
+        return f"{value}i"
+    return _format_subclass(value)
 
 
-def series_key(measurement: str, tags: dict[str, str]) -> str:
-    """``measurement,k=v,...`` with tags sorted by key and empty values left out."""
-    parts = [escape_measurement(measurement)]
-    for key in sorted(tags):
-        value = tags[key]
-        if value and key:
-            parts.append(f"{escape_tag(key)}={escape_tag(value)}")
+def _format_subclass(value: object) -> str:
+    # Enum members and other subclasses of the four types: the base type decides.
+    if isinstance(value, bool):
+        return format_field_value(bool(value))
+    if isinstance(value, int):
+        return format_field_value(int(value))
+    if isinstance(value, float):
+        return format_field_value(float(value))
+    if isinstance(value, str):
+        return format_field_value(str(value))
+    raise TypeError(f"unsupported field value type {type(value).__name__}")
+
+
+def series_key(measurement: str, tags: Mapping[str, str]) -> str:
+    """``measurement,k=v,...``: tags sorted by key, tags with an empty key or value left out."""
+    key = escape_measurement(measurement)
+    for name in sorted(tags):
+        value = tags[name]
+        if value and name:
+            key += "," + escape_tag(name) + "=" + escape_tag(value)
+    return key
+
+
+def encode_fields(fields: Mapping[str, FieldValue]) -> str:
+    """``k=v,...`` in the mapping's order. Fields that have no line-protocol form are left out:
+    NaN and infinite floats, and an empty field key."""
+    parts = []
+    for key, value in fields.items():
+        if not key:
+            continue
+        if type(value) is float:  # the common cases inline: this runs per point
+            if not _isfinite(value):
+                continue
+            text = repr(value)
+        elif type(value) is str:
+            text = escape_string(value)
+        else:
+            text = format_field_value(value)
+        parts.append(escape_field_key(key) + "=" + text)
     return ",".join(parts)
 
 
-def encode_fields(fields: dict[str, FieldValue]) -> str:
-    """``k=v,...``; non-finite floats are skipped (they have no line-protocol form)."""
-    encoded = []
-    for key, value in fields.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            continue
-        encoded.append(f"{escape_field_key(key)}={format_field_value(value)}")
-    return ",".join(encoded)
-
-
-def encode_line(series: str, fields: str, time_ns: int) -> str:
-    return f"{series} {fields} {time_ns}"
+def encode_line(series_key: str, fields_str: str, time_ns: int) -> str:
+    """One line (no trailing newline) from a cached series key and encoded fields."""
+    return f"{series_key} {fields_str} {time_ns}"
 
 
 def encode_point(point: Point) -> str:
-    """One line (no trailing newline). Raises ValueError for a point without fields."""
+    """One line (no trailing newline). Raises ValueError when no field can be written."""
     fields = encode_fields(point.fields)
     if not fields:
-        raise ValueError(f"point of {point.measurement} has no fields")
-    return encode_line(series_key(point.measurement, point.tags), fields, point.time_ns)
+        raise ValueError(f"point of {point.measurement!r} has no field that can be written")
+    return f"{series_key(point.measurement, point.tags)} {fields} {point.time_ns}"
