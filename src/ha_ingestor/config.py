@@ -161,6 +161,12 @@ class Settings(BaseModel):
     ha_ping_timeout: float = Field(
         10.0, gt=0, description="Seconds without a pong before the connection counts as dead."
     )
+    ha_backfill_settle: float = Field(
+        15.0,
+        ge=0,
+        description="Seconds after a reconnect before the gap is back-filled a second time, "
+        "once Home Assistant's recorder has committed what happened meanwhile (0 = once only).",
+    )
     ha_backfill_max_hours: float = Field(
         24.0, ge=0, description="Longest gap back-filled from Home Assistant's history."
     )

@@ -63,6 +63,7 @@ def service_env(
         "HA_INGESTOR_INSTANCE": "test-instance",
         "HA_INGESTOR_INFLUX_FLUSH_INTERVAL": "0.2",
         "HA_INGESTOR_SHUTDOWN_TIMEOUT": "5",
+        "HA_INGESTOR_HA_BACKFILL_SETTLE": "3",
     }
     if mosquitto is not None:
         env |= {

@@ -207,7 +207,7 @@ class HomeAssistantSource:
                 ) from None
             raise
         if backfill_from is not None:
-            self._spawn(self._backfill(backfill_from), "homeassistant-backfill")
+            self._spawn(self._backfill_gap(backfill_from), "homeassistant-backfill")
 
     # --- framing -----------------------------------------------------------------------------------
     async def _read_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -321,6 +321,15 @@ class HomeAssistantSource:
             await self._registries.load(self._plain_call, which)
 
     # --- back-fill ---------------------------------------------------------------------------------
+    async def _backfill_gap(self, since: str) -> None:
+        """Back-fill now, and once more when the recorder has surely committed the states of the
+        last seconds (it writes in the background): overlapping points collapse in InfluxDB."""
+        await self._backfill(since)
+        settle = self._settings.ha_backfill_settle
+        if settle > 0:
+            await asyncio.sleep(settle)
+            await self._backfill(since)
+
     async def _backfill(self, since: str) -> None:
         """Store the state changes the recorder kept between ``since`` and now."""
         telemetry = self._telemetry
