@@ -164,8 +164,8 @@ class Settings(BaseModel):
     ha_backfill_settle: float = Field(
         15.0,
         ge=0,
-        description="Seconds after a reconnect before the gap is back-filled a second time, "
-        "once Home Assistant's recorder has committed what happened meanwhile (0 = once only).",
+        description="Longest wait after a reconnect for Home Assistant's recorder to commit "
+        "the gap (it writes in the background) before the gap is back-filled (0 = no wait).",
     )
     ha_backfill_max_hours: float = Field(
         24.0, ge=0, description="Longest gap back-filled from Home Assistant's history."
