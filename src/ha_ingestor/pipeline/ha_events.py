@@ -41,8 +41,17 @@ def epoch_to_ns(seconds: float) -> int:
     return round(seconds * 1_000_000) * 1000
 
 
-def epoch_of(text: str) -> float:
-    return parse_time_ns(text) / 1e9
+def format_time_ns(time_ns: int) -> str:
+    """Integer ns → ISO-8601 UTC with microseconds (what Home Assistant's API accepts)."""
+    seconds, nanos = divmod(time_ns, 1_000_000_000)
+    moment = datetime.fromtimestamp(seconds, UTC).replace(microsecond=nanos // 1000)
+    return moment.isoformat(timespec="microseconds")
+
+
+def _seconds(time_ns: int) -> float:
+    """Epoch seconds of a µs-precise time, computed from whole microseconds so that a live
+    event's ``last_changed`` and the recorder's float of the same instant are the same float."""
+    return (time_ns // 1000) / 1_000_000
 
 
 class EntityFilter:
@@ -111,7 +120,7 @@ class Mapper:
             self._attribute_fields(new_state.get("attributes") or {}, fields)
             last_changed = new_state.get("last_changed")
             if isinstance(last_changed, str):
-                fields["last_changed"] = epoch_of(last_changed)
+                fields["last_changed"] = _seconds(parse_time_ns(last_changed))
             time_ns = parse_time_ns(str(new_state.get("last_updated") or time_fired))
             context = new_state.get("context") or context
         if old_state is not None:
@@ -123,22 +132,37 @@ class Mapper:
         self, entity_id: str, row: Mapping[str, Any], previous: Mapping[str, Any] | None
     ) -> Point | None:
         """A row of ``history/history_during_period`` (compressed keys ``s``, ``a``, ``lu``,
-        ``lc``) as the same point the live event made — minus context, which history lacks."""
+        ``lc``) as the same point the live event made: same series, same time, same fields —
+        except the ``context_*`` fields, which history does not have, and attributes the
+        recorder does not keep (an integration's unrecorded attributes, ``supported_features``,
+        ``attribution``). ``previous`` is the entity's row before this one, if known.
+
+        The recorder stores an entity's removal as a row with state "" and no attributes: it
+        becomes the removal point, tagged from the previous row like the live one.
+        """
         if not self.entity_filter.allows(entity_id):
             return None
         attributes = row.get("a") or {}
-        tags = self._state_tags(entity_id, {"attributes": attributes})
         state = str(row.get("s", ""))
+        time_ns = epoch_to_ns(float(row["lu"]))
         fields: dict[str, FieldValue] = {"state": state}
-        value = to_value(state)
-        if value is not None:
-            fields["value"] = value
-        self._attribute_fields(attributes, fields)
-        last_updated = float(row["lu"])
-        fields["last_changed"] = float(row.get("lc", last_updated))
-        if previous is not None:
+        if is_removal_row(row):
+            tags = self._state_tags(entity_id, {"attributes": (previous or {}).get("a") or {}})
+            fields["removed"] = True
+        else:
+            tags = self._state_tags(entity_id, {"attributes": attributes})
+            value = to_value(state)
+            if value is not None:
+                fields["value"] = value
+            self._attribute_fields(attributes, fields)
+            changed = row.get("lc")
+            fields["last_changed"] = (
+                _seconds(epoch_to_ns(float(changed))) if changed else _seconds(time_ns)
+            )
+        # Like a live event for an added entity, a row after a removal has no previous state.
+        if previous is not None and not is_removal_row(previous):
             fields["previous_state"] = str(previous.get("s", ""))
-        return Point(STATE_MEASUREMENT, tags, fields, epoch_to_ns(last_updated))
+        return Point(STATE_MEASUREMENT, tags, fields, time_ns)
 
     def _state_tags(self, entity_id: str, state: Mapping[str, Any]) -> dict[str, str]:
         attributes = state.get("attributes") or {}
@@ -195,7 +219,9 @@ class Mapper:
             if not self.entity_filter.allows(entity_id):
                 return None
             tags["entity_id"] = entity_id
-        fields: dict[str, FieldValue] = {"data": orjson.dumps(data).decode()}
+        fields: dict[str, FieldValue] = {
+            "data": orjson.dumps(data, option=orjson.OPT_SORT_KEYS).decode()
+        }
         if isinstance(data.get("name"), str):
             fields["name"] = data["name"]
         _context_fields(event.get("context"), fields)
@@ -213,6 +239,11 @@ class Mapper:
                 event.get("context"),
             )
         return self.event_point(event)
+
+
+def is_removal_row(row: Mapping[str, Any]) -> bool:
+    """A history row the recorder wrote for an entity's removal (state "", no attributes)."""
+    return row.get("s") == "" and not row.get("a")
 
 
 def _single_entity(data: Mapping[str, Any]) -> str | None:

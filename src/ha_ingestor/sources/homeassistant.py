@@ -1,13 +1,29 @@
 """The Home Assistant source: every event on the bus, through the WebSocket API.
 
-One connection at a time: authenticate, switch on ``coalesce_messages``, load the registries and
-``get_config``, subscribe to events, then back-fill the gap since the last stored event from
-the recorder's history. The reader task only reads, decodes and hands events to a queue, so a
-slow disk or InfluxDB never makes Home Assistant drop us as a slow consumer. An application
-ping with a timeout detects a dead connection; reconnects use capped, jittered backoff.
+One connection at a time: authenticate, switch on ``coalesce_messages``, read ``get_config``
+(the ``instance`` tag) and the entity/device/area registries, subscribe to events, then
+back-fill the gap since the last stored event from the recorder's history
+(:mod:`ha_ingestor.pipeline.ha_backfill`).
 
-``auth_invalid`` stops reconnecting (repeated bad logins get an IP banned): the source reports
-FAILED with the reason and waits for the operator.
+Three tasks, so that Home Assistant never sees a slow consumer:
+- the *reader* only reads a frame, decodes it and appends its events to an unbounded deque
+  (its depth is ``ha_ingestor_queue_depth{queue="homeassistant"}``); it never waits on
+  processing, disk or InfluxDB;
+- the *processor* maps events to points, encodes and buffers them, and waits when the buffer
+  is full — only it feels back-pressure;
+- an application *ping* with a timeout detects a dead connection.
+
+Errors:
+- transport errors (refused, closed, no pong, malformed frame) → ``RECONNECTING``, capped
+  jittered exponential backoff, reconnect, resubscribe, back-fill;
+- :class:`AuthInvalidError` (``auth_invalid``) and :class:`NotAllowedError` (a non-admin
+  token asked for all events) → ``FAILED`` with an actionable message and no more attempts:
+  repeated bad logins get an IP banned, and only the operator can fix either;
+- :class:`CommandError` — Home Assistant answered a command with an error.
+
+Checkpoint: ``homeassistant.last_event`` holds the time of the newest event whose point is
+durable, held back to the start of a gap until that gap's back-fill is durable too; a restart
+of the ingestor back-fills from it.
 """
 
 from __future__ import annotations
@@ -18,7 +34,6 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -26,7 +41,8 @@ import orjson
 
 from ha_ingestor.config import Settings
 from ha_ingestor.pipeline.buffer import Buffer, Checkpoints
-from ha_ingestor.pipeline.ha_events import EntityFilter, Mapper, parse_time_ns
+from ha_ingestor.pipeline.ha_backfill import HistoryBackfill, LiveProbe
+from ha_ingestor.pipeline.ha_events import EntityFilter, Mapper, format_time_ns, parse_time_ns
 from ha_ingestor.sinks.line_protocol import encode_point
 from ha_ingestor.sources.backoff import Backoff
 from ha_ingestor.sources.ha_registry import REGISTRY_EVENTS, Registries
@@ -34,8 +50,10 @@ from ha_ingestor.telemetry import ConnState, Telemetry
 
 TARGET = "homeassistant"
 CHECKPOINT_KEY = "homeassistant.last_event"
-_HISTORY_BATCH = 100  # entity ids per history request
-_CALL_TIMEOUT = 60.0
+_CALL_TIMEOUT = 60.0  # a command's answer (get_states and history can be large and slow)
+_STABLE_AFTER = 30.0  # a connection up this long resets the backoff
+_REGISTRY_DEBOUNCE = 0.5  # registry events come in bursts: re-fetch once per burst
+_MAX_KNOWN_ENTITIES = 100_000
 
 
 class AuthInvalidError(Exception):
@@ -47,8 +65,11 @@ class NotAllowedError(Exception):
 
 
 class CommandError(Exception):
+    """Home Assistant answered a command with ``success: false``."""
+
     def __init__(self, command: str, code: str, message: str) -> None:
         super().__init__(f"{command}: {code}: {message}")
+        self.command = command
         self.code = code
 
 
@@ -62,7 +83,8 @@ class HomeAssistantSource:
         checkpoints: Checkpoints,
         on_instance: Callable[[str], None] | None = None,
     ) -> None:
-        assert settings.ha_url is not None
+        if settings.ha_url is None or settings.ha_token is None:
+            raise ValueError("HA_INGESTOR_HA_URL and HA_INGESTOR_HA_TOKEN are both needed")
         self._settings = settings
         self._buffer = buffer
         self._telemetry = telemetry
@@ -79,17 +101,40 @@ class HomeAssistantSource:
             exclude_event_types=frozenset(settings.ha_exclude_event_types),
             entity_info=self._registries.info,
         )
+        self._backfill = HistoryBackfill(
+            self._call,
+            self._mapper,
+            buffer,
+            telemetry,
+            max_hours=settings.ha_backfill_max_hours,
+        )
+        self._wants_states = (
+            not settings.ha_event_types or "state_changed" in settings.ha_event_types
+        ) and "state_changed" not in settings.ha_exclude_event_types
         self._received = telemetry.metrics.events_received.labels(TARGET)
         self._queue_depth = telemetry.metrics.queue_depth.labels(TARGET)
+        # reader → processor
         self._events: deque[dict[str, Any]] = deque()
         self._events_ready = asyncio.Event()
-        self._pending: dict[int, asyncio.Future[Any]] = {}
-        self._next_id = 1
+        self._last_received: str | None = None  # time_fired of the newest event read
+        self._probe: LiveProbe | None = None  # while a gap waits for its back-fill
+        # commands of the current connection
         self._ws: aiohttp.ClientWebSocketResponse | None = None
-        self._durable_latest: str | None = checkpoints.load(CHECKPOINT_KEY)
-        self._saved_latest = self._durable_latest
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._next_id = 1
+        self._connection_tasks: set[asyncio.Task[None]] = set()
+        self._dirty_registries: set[str] = set()
+        self._registries_dirty = asyncio.Event()
+        # checkpoint
+        saved = checkpoints.load(CHECKPOINT_KEY)
+        self._saved: str | None = saved
+        self._durable_ns: int | None = parse_time_ns(saved) if saved else None
+        self._hold_ns: int | None = self._durable_ns  # start of a gap not yet back-filled
+        self._group_future: asyncio.Future[None] | None = None
+        self._group_latest = [0]
+        self._known_entities: set[str] = set()
+        #: Connection attempts since start (tests use it to prove there is no retry storm).
         self.connection_attempts = 0
-        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def mapper(self) -> Mapper:
@@ -97,30 +142,42 @@ class HomeAssistantSource:
 
     # --- lifecycle ---------------------------------------------------------------------------------
     async def run(self) -> None:
+        """Connect, reconnect and process until cancelled."""
         telemetry = self._telemetry
         telemetry.set_state(TARGET, ConnState.CONNECTING)
         backoff = Backoff(base=1.0, cap=60.0)
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._process_loop(), name="homeassistant-process")
-            group.create_task(self._checkpoint_loop(), name="homeassistant-checkpoint")
-            while True:
-                try:
-                    await self._connection(backoff)
-                except AuthInvalidError as exc:
-                    telemetry.set_state(TARGET, ConnState.FAILED, error=str(exc))
-                    await asyncio.Event().wait()  # stay up, not ready, until stopped
-                except NotAllowedError as exc:
-                    telemetry.set_state(TARGET, ConnState.FAILED, error=str(exc))
-                    await asyncio.Event().wait()
-                except (
-                    aiohttp.ClientError,
-                    OSError,
-                    TimeoutError,
-                    ConnectionError,
-                    CommandError,
-                ) as exc:
-                    telemetry.set_state(TARGET, ConnState.RECONNECTING, error=_describe(exc))
-                await asyncio.sleep(backoff.next_delay())
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._process_loop(), name="homeassistant-process")
+                group.create_task(self._checkpoint_loop(), name="homeassistant-checkpoint")
+                while True:
+                    loop = asyncio.get_running_loop()
+                    began = loop.time()
+                    try:
+                        await self._connection(backoff)
+                    except (AuthInvalidError, NotAllowedError) as exc:
+                        telemetry.set_state(TARGET, ConnState.FAILED, error=str(exc))
+                        await asyncio.Event().wait()  # stay up, not ready, until stopped
+                    except (
+                        aiohttp.ClientError,
+                        OSError,
+                        TimeoutError,
+                        ValueError,  # a malformed frame
+                        CommandError,
+                    ) as exc:
+                        telemetry.set_state(TARGET, ConnState.RECONNECTING, error=_describe(exc))
+                    if loop.time() - began >= _STABLE_AFTER:
+                        backoff.reset()
+                    await asyncio.sleep(backoff.next_delay())
+        except asyncio.CancelledError:
+            self._drain()
+            raise
+
+    def _drain(self) -> None:
+        """At shutdown: buffer every event already read (the caller flushes the buffer)."""
+        while self._events:
+            self._handle(self._events.popleft())
+        self._queue_depth.set(0)
 
     def _ssl(self) -> ssl.SSLContext | bool:
         settings = self._settings
@@ -135,62 +192,95 @@ class HomeAssistantSource:
         return context
 
     async def _connection(self, backoff: Backoff) -> None:
-        settings = self._settings
-        assert settings.ha_token is not None
+        """One connection, from connect to close. Returns never: raises why it ended."""
         self.connection_attempts += 1
-        async with self._session.ws_connect(
-            self._url, max_msg_size=0, ssl=self._ssl(), autoping=True, heartbeat=None
-        ) as ws:
+        async with asyncio.timeout(_CALL_TIMEOUT):
+            ws = await self._session.ws_connect(
+                self._url, max_msg_size=0, ssl=self._ssl(), autoping=True, heartbeat=None
+            )
+        try:
+            await self._authenticate(ws)
             self._ws = ws
             self._next_id = 1
-            hello = await ws.receive_json(timeout=_CALL_TIMEOUT, loads=orjson.loads)
+            reader = asyncio.create_task(self._read_loop(ws), name="homeassistant-reader")
+            self._connection_tasks.add(reader)
+            await self._start_session()
+            self._telemetry.set_state(TARGET, ConnState.CONNECTED)
+            pinger = asyncio.create_task(self._ping_loop(), name="homeassistant-ping")
+            self._connection_tasks.add(pinger)
+            await asyncio.wait({reader, pinger}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (reader, pinger):
+                if task.done():
+                    task.result()  # raises why the connection ended, if it failed
+            raise ConnectionError("connection closed by Home Assistant")
+        finally:
+            self._ws = None
+            tasks = list(self._connection_tasks)
+            self._connection_tasks.clear()
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self._fail_pending(ConnectionError("connection closed"))
+            self._probe = None
+            await ws.close()
+
+    async def _authenticate(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        token = self._settings.ha_token
+        assert token is not None
+        async with asyncio.timeout(_CALL_TIMEOUT):
+            hello = await ws.receive_json(loads=orjson.loads)
             if hello.get("type") != "auth_required":
-                raise ConnectionError(f"unexpected greeting: {hello.get('type')}")
+                raise ConnectionError(f"unexpected greeting: {hello.get('type')!r}")
+            # Home Assistant reads text frames only.
             await ws.send_str(
-                orjson.dumps(
-                    {"type": "auth", "access_token": settings.ha_token.get_secret_value()}
-                ).decode()
+                orjson.dumps({"type": "auth", "access_token": token.get_secret_value()}).decode()
             )
-            answer = await ws.receive_json(timeout=_CALL_TIMEOUT, loads=orjson.loads)
-            if answer.get("type") == "auth_invalid":
-                raise AuthInvalidError(
-                    "Home Assistant rejected HA_INGESTOR_HA_TOKEN (auth_invalid): not retrying. "
-                    "Create a new long-lived access token and restart."
-                )
-            if answer.get("type") != "auth_ok":
-                raise ConnectionError(f"unexpected answer to auth: {answer.get('type')}")
-            reader: asyncio.Task[None] = asyncio.create_task(
-                self._read_loop(ws), name="homeassistant-reader"
+            answer = await ws.receive_json(loads=orjson.loads)
+        if answer.get("type") == "auth_invalid":
+            reason = answer.get("message") or "invalid token"
+            raise AuthInvalidError(
+                f"Home Assistant rejected HA_INGESTOR_HA_TOKEN (auth_invalid: {reason}); not "
+                "retrying, since repeated failed logins get this host banned. Create a new "
+                "long-lived access token (Home Assistant profile page → Security) and restart."
             )
-            pinger: asyncio.Task[None] | None = None
-            try:
-                await self._call("supported_features", features={"coalesce_messages": 1})
-                await self._start_session()
-                backoff.reset()
-                self._telemetry.set_state(TARGET, ConnState.CONNECTED)
-                pinger = asyncio.create_task(self._ping_loop(), name="homeassistant-ping")
-                done, _ = await asyncio.wait({reader, pinger}, return_when=asyncio.FIRST_COMPLETED)
-                for finished in done:
-                    finished.result()
-                raise ConnectionError("connection closed by Home Assistant")
-            finally:
-                for task in (reader, pinger, *self._background):
-                    if task is not None:
-                        task.cancel()
-                        with contextlib.suppress(asyncio.CancelledError, Exception):
-                            await task
-                self._fail_pending(ConnectionError("connection closed"))
-                self._ws = None
+        if answer.get("type") != "auth_ok":
+            raise ConnectionError(f"unexpected answer to auth: {answer.get('type')!r}")
 
     async def _start_session(self) -> None:
+        await self._call("supported_features", features={"coalesce_messages": 1})
         config = await self._call("get_config")
         if not self._settings.instance and isinstance(config, dict) and config.get("location_name"):
             instance = str(config["location_name"])
             self._mapper.instance = instance
             if self._on_instance is not None:
                 self._on_instance(instance)
-        await self._registries.load(self._plain_call)
-        backfill_from = self._durable_latest
+        try:
+            await self._registries.load(self._call)
+        except CommandError as exc:
+            self._telemetry.warn_throttled(
+                "homeassistant-registries",
+                3600,
+                "registries unavailable: points lack area, device and platform tags",
+                error=str(exc),
+            )
+        self._spawn(self._registry_loop(), "homeassistant-registries")
+
+        # The gap starts at the newest event read before (or, on the first connection, at the
+        # stored checkpoint) and ends where this connection's live stream begins.
+        gap_start = self._hold_ns
+        if gap_start is None and self._last_received is not None:
+            gap_start = parse_time_ns(self._last_received)
+        probe = None
+        if gap_start is not None and self._wants_states:
+            self._hold_ns = gap_start
+            probe = self._probe = LiveProbe()
+        await self._subscribe()
+        if probe is not None and gap_start is not None:
+            self._spawn(self._fill_gap(gap_start, probe), "homeassistant-backfill")
+
+    async def _subscribe(self) -> None:
         try:
             if self._settings.ha_event_types:
                 for event_type in self._settings.ha_event_types:
@@ -200,56 +290,75 @@ class HomeAssistantSource:
         except CommandError as exc:
             if exc.code == "unauthorized":
                 raise NotAllowedError(
-                    "the token may not subscribe to all events (Home Assistant answered "
-                    "'unauthorized'): use a long-lived token of an administrator user, or set "
-                    "HA_INGESTOR_HA_EVENT_TYPES to events a normal user may subscribe to "
-                    "(e.g. state_changed)"
+                    "Home Assistant refused to let this token subscribe to "
+                    f"{'these events' if self._settings.ha_event_types else 'all events'} "
+                    "(unauthorized): only an administrator's token may. Use a long-lived "
+                    "access token of an administrator, or set HA_INGESTOR_HA_EVENT_TYPES to "
+                    "events any user may subscribe to (e.g. state_changed)."
                 ) from None
             raise
-        if backfill_from is not None:
-            self._spawn(self._backfill_gap(backfill_from), "homeassistant-backfill")
 
     # --- framing -----------------------------------------------------------------------------------
     async def _read_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        """Read, decode, hand off: never waits on processing."""
+        """Read, decode, hand off. Never waits on anything but the socket."""
         events = self._events
+        pending = self._pending
+        received = self._received
         async for message in ws:
-            if message.type != aiohttp.WSMsgType.TEXT:
-                if message.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSED):
-                    break
-                continue
+            if message.type is not aiohttp.WSMsgType.TEXT:
+                if message.type is aiohttp.WSMsgType.BINARY:
+                    continue
+                break  # ERROR / CLOSE
             decoded = orjson.loads(message.data)
             for frame in decoded if isinstance(decoded, list) else (decoded,):
                 kind = frame.get("type")
                 if kind == "event":
-                    events.append(frame["event"])
-                    self._received.inc()
-                elif kind in ("result", "pong"):
-                    future = self._pending.pop(frame.get("id", -1), None)
+                    event = frame["event"]
+                    events.append(event)
+                    self._last_received = event.get("time_fired")
+                    probe = self._probe
+                    if probe is not None and event.get("event_type") == "state_changed":
+                        self._probe_saw(probe, event)
+                    received.inc()
+                else:
+                    future = pending.pop(frame.get("id", -1), None)
                     if future is not None and not future.done():
                         future.set_result(frame)
             self._queue_depth.set(len(events))
             self._events_ready.set()
+        exc = ws.exception()
+        if exc is not None:
+            raise ConnectionError(f"WebSocket error: {_describe(exc)}")
+
+    @staticmethod
+    def _probe_saw(probe: LiveProbe, event: dict[str, Any]) -> None:
+        data = event.get("data") or {}
+        entity_id = data.get("entity_id")
+        time_fired = event.get("time_fired")
+        if isinstance(entity_id, str) and isinstance(time_fired, str):
+            with contextlib.suppress(ValueError):
+                probe.saw(entity_id, time_fired)
 
     async def _call(self, command: str, **payload: Any) -> Any:
+        """Send one command and return its result; CommandError if it failed."""
         ws = self._ws
         if ws is None:
             raise ConnectionError("not connected")
         message_id = self._next_id
         self._next_id += 1
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[message_id] = future
-        await ws.send_str(orjson.dumps({"id": message_id, "type": command, **payload}).decode())
-        frame = await asyncio.wait_for(future, _CALL_TIMEOUT)
+        try:
+            await ws.send_str(orjson.dumps({"id": message_id, "type": command, **payload}).decode())
+            frame = await asyncio.wait_for(future, _CALL_TIMEOUT)
+        finally:
+            self._pending.pop(message_id, None)
         if frame.get("type") == "pong":
             return None
         if not frame.get("success", False):
             error = frame.get("error") or {}
             raise CommandError(command, str(error.get("code", "")), str(error.get("message", "")))
         return frame.get("result")
-
-    async def _plain_call(self, command: str) -> Any:
-        return await self._call(command)
 
     def _fail_pending(self, exc: Exception) -> None:
         for future in self._pending.values():
@@ -268,128 +377,134 @@ class HomeAssistantSource:
                     f"no pong within {settings.ha_ping_timeout:g} s: connection presumed dead"
                 ) from None
 
+    def _spawn(self, coroutine: Any, name: str) -> None:
+        """A task that lives as long as the current connection."""
+        self._connection_tasks.add(asyncio.create_task(coroutine, name=name))
+
     # --- processing --------------------------------------------------------------------------------
     async def _process_loop(self) -> None:
         events = self._events
+        ready = self._events_ready
         buffer = self._buffer
         while True:
             if not events:
-                self._events_ready.clear()
-                await self._events_ready.wait()
-            while events:
-                event = events.popleft()
-                event_type = event.get("event_type")
-                if event_type in REGISTRY_EVENTS:
-                    self._spawn(self._refresh_registry(REGISTRY_EVENTS[event_type]), "registry")
-                try:
-                    point = self._mapper.map_event(event)
-                except (KeyError, ValueError, TypeError) as exc:
-                    self._telemetry.invalid(TARGET, "malformed_event", error=str(exc))
-                    continue
-                time_fired = event.get("time_fired")
-                if point is None:
-                    self._telemetry.dropped("filtered_event", intentional=True)
-                else:
-                    if buffer.full():
-                        await buffer.wait_for_room()
-                    accepted = buffer.add(encode_point(point))
-                    if isinstance(time_fired, str):
-                        accepted.add_done_callback(_marker(self, time_fired))
-            self._queue_depth.set(0)
+                self._queue_depth.set(0)
+                ready.clear()
+                await ready.wait()
+                continue
+            if buffer.full():
+                await buffer.wait_for_room()  # before taking an event: none is in flight
+            self._handle(events.popleft())
+            if len(events) % 256 == 0:
+                self._queue_depth.set(len(events))
+                await asyncio.sleep(0)  # let the reader run during a long backlog
 
-    def _spawn(self, coroutine: Any, name: str) -> None:
-        task = asyncio.create_task(coroutine, name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _handle(self, event: dict[str, Any]) -> None:
+        """Map, encode and buffer one event (synchronous: nothing is lost to cancellation)."""
+        event_type = event.get("event_type")
+        if event_type in REGISTRY_EVENTS:
+            self._dirty_registries.add(REGISTRY_EVENTS[event_type])
+            self._registries_dirty.set()
+        telemetry = self._telemetry
+        try:
+            if event_type == "state_changed":
+                entity_id = (event.get("data") or {}).get("entity_id")
+                if isinstance(entity_id, str) and len(self._known_entities) < _MAX_KNOWN_ENTITIES:
+                    self._known_entities.add(entity_id)
+            point = self._mapper.map_event(event)
+            if point is None:
+                telemetry.dropped("filtered_event", intentional=True)
+                return
+            line = encode_point(point)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            telemetry.dropped("malformed_event", intentional=False)
+            telemetry.warn_throttled(
+                "homeassistant-malformed",
+                60,
+                "event not stored",
+                event_type=str(event_type),
+                error=_describe(exc),
+            )
+            return
+        accepted = self._buffer.add(line)
+        # One callback per group of lines: the newest event time of the group is durable
+        # when the group's future resolves.
+        if accepted is not self._group_future:
+            self._group_future = accepted
+            self._group_latest = latest = [point.time_ns]
+            accepted.add_done_callback(lambda done: self._durable(done, latest[0]))
+        elif point.time_ns > self._group_latest[0]:
+            self._group_latest[0] = point.time_ns
 
-    def _mark_durable(self, time_fired: str) -> None:
-        latest = self._durable_latest
-        if latest is None or time_fired > latest:  # ISO strings of one zone sort by time
-            self._durable_latest = time_fired
+    def _durable(self, done: asyncio.Future[None], time_ns: int) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        if self._durable_ns is None or time_ns > self._durable_ns:
+            self._durable_ns = time_ns
+
+    # --- checkpoint --------------------------------------------------------------------------------
+    def checkpoint(self) -> str | None:
+        """The time everything before which is durable: the newest durable event, but never
+        past the start of a gap whose back-fill is not durable yet."""
+        durable, hold = self._durable_ns, self._hold_ns
+        if durable is None:
+            return None
+        return format_time_ns(durable if hold is None else min(durable, hold))
 
     async def _checkpoint_loop(self) -> None:
-        """Persist the time of the newest durable event, so a restart back-fills from there."""
         while True:
             await asyncio.sleep(1.0)
-            latest = self._durable_latest
-            if latest is not None and latest != self._saved_latest:
-                await self._checkpoints.save(CHECKPOINT_KEY, latest)
-                self._saved_latest = latest
+            value = self.checkpoint()
+            if value is not None and value != self._saved:
+                await self._checkpoints.save(CHECKPOINT_KEY, value)
+                self._saved = value
 
-    async def _refresh_registry(self, which: str) -> None:
-        with contextlib.suppress(Exception):
-            await self._registries.load(self._plain_call, which)
+    # --- registries --------------------------------------------------------------------------------
+    async def _registry_loop(self) -> None:
+        """Re-fetch a registry after ``*_registry_updated`` events, once per burst."""
+        dirty = self._dirty_registries
+        while True:
+            await self._registries_dirty.wait()
+            await asyncio.sleep(_REGISTRY_DEBOUNCE)
+            self._registries_dirty.clear()
+            names = sorted(dirty)
+            dirty.clear()
+            for name in names:
+                try:
+                    await self._registries.load(self._call, name)
+                except CommandError as exc:
+                    self._telemetry.warn_throttled(
+                        "homeassistant-registries", 3600, "registry refresh failed", error=str(exc)
+                    )
 
     # --- back-fill ---------------------------------------------------------------------------------
-    async def _backfill_gap(self, since: str) -> None:
-        """Back-fill now, and once more when the recorder has surely committed the states of the
-        last seconds (it writes in the background): overlapping points collapse in InfluxDB."""
-        await self._backfill(since)
-        settle = self._settings.ha_backfill_settle
-        if settle > 0:
-            await asyncio.sleep(settle)
-            await self._backfill(since)
-
-    async def _backfill(self, since: str) -> None:
-        """Store the state changes the recorder kept between ``since`` and now."""
+    async def _fill_gap(self, start_ns: int, probe: LiveProbe) -> None:
+        """Back-fill from ``start_ns`` to the first live state change, then release the
+        checkpoint hold. On failure the hold stays: the next connection tries again."""
         telemetry = self._telemetry
-        now = datetime.now(UTC)
-        start = datetime.fromtimestamp(parse_time_ns(since) / 1e9, UTC)
-        oldest = now - timedelta(hours=self._settings.ha_backfill_max_hours)
-        if start < oldest:
-            telemetry.log.warning(
-                "backfill gap capped", since=since, cap_hours=self._settings.ha_backfill_max_hours
-            )
-            start = oldest
+        settle = self._settings.ha_backfill_settle
         try:
-            states = await self._call("get_states")
-            entity_ids = sorted({s["entity_id"] for s in states or []})
-            count = 0
-            for i in range(0, len(entity_ids), _HISTORY_BATCH):
-                history = await self._call(
-                    "history/history_during_period",
-                    start_time=start.isoformat(),
-                    end_time=now.isoformat(),
-                    entity_ids=entity_ids[i : i + _HISTORY_BATCH],
-                    include_start_time_state=True,
-                    significant_changes_only=False,
-                    minimal_response=False,
-                    no_attributes=False,
+            if settle > 0 and not await self._backfill.wait_for_recorder(probe, settle):
+                telemetry.log.info(
+                    "backfill without recorder confirmation",
+                    waited=settle,
+                    reason="no recorded live state change yet",
                 )
-                count += await self._store_history(history or {}, start.timestamp())
-        except (CommandError, ConnectionError, TimeoutError) as exc:
+            await self._backfill.run(start_ns, probe.first_ns, self._known_entities)
+        except CommandError as exc:
+            telemetry.error(TARGET, "backfill failed", error=str(exc))
+            if exc.code == "unknown_command":  # no history integration: nothing to wait for
+                self._release_hold(start_ns)
+            return
+        except (ConnectionError, TimeoutError) as exc:
             telemetry.error(TARGET, "backfill failed", error=_describe(exc))
             return
-        telemetry.metrics.backfilled.inc(count)
-        telemetry.log.info(
-            "backfill done", since=start.isoformat(), until=now.isoformat(), states=count
-        )
+        self._release_hold(start_ns)
 
-    async def _store_history(self, history: dict[str, list[dict[str, Any]]], start: float) -> int:
-        count = 0
-        for entity_id, rows in history.items():
-            previous: dict[str, Any] | None = None
-            for index, row in enumerate(rows):
-                # The first row is the state at start_time, made up by the recorder: not a change.
-                if index == 0 and abs(float(row.get("lu", 0)) - start) < 1e-3:
-                    previous = row
-                    continue
-                point = self._mapper.history_point(entity_id, row, previous)
-                previous = row
-                if point is None:
-                    continue
-                if self._buffer.full():
-                    await self._buffer.wait_for_room()
-                self._buffer.add(encode_point(point))
-                count += 1
-        return count
-
-
-def _marker(source: HomeAssistantSource, time_fired: str) -> Callable[[asyncio.Future[None]], None]:
-    def mark(_: asyncio.Future[None]) -> None:
-        source._mark_durable(time_fired)
-
-    return mark
+    def _release_hold(self, start_ns: int) -> None:
+        if self._hold_ns == start_ns:
+            self._hold_ns = None
+        self._probe = None
 
 
 def _describe(exc: BaseException) -> str:
