@@ -1,10 +1,16 @@
-"""Lines InfluxDB refused for good, kept with the server's reason (JSON lines, fsynced)."""
+"""Lines InfluxDB refused for good, kept with the server's reason.
+
+``<spool dir>/dead-letter.jsonl``: one JSON object per line, ``{"time", "reason", "line"}``
+(``time`` in ISO 8601 UTC), appended and fsynced before the batch leaves the spool. At
+``max_bytes`` the file is rotated to ``dead-letter.jsonl.1`` (older ones shift to ``.2`` ...);
+the oldest beyond ``backups`` is deleted, so the dead letters never fill the disk.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -13,24 +19,43 @@ DEAD_LETTER_FILE = "dead-letter.jsonl"
 
 
 class DeadLetterFile:
-    """Appends ``{"time", "reason", "line"}`` records; rotates once at ``max_bytes``."""
-
-    def __init__(self, path: Path, max_bytes: int = 100 * 1024 * 1024) -> None:
+    def __init__(self, path: Path, max_bytes: int = 100 * 1024 * 1024, backups: int = 3) -> None:
         self.path = path
         self._max_bytes = max_bytes
+        self._backups = backups
+        self._lock = asyncio.Lock()  # concurrent write loops append whole records in turn
 
     async def add(self, lines: list[str], reason: str) -> None:
-        now = time.time()
+        """Append one record per line; returns once they are on disk. Raises OSError."""
+        now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
         data = b"".join(
             orjson.dumps({"time": now, "reason": reason, "line": line}) + b"\n" for line in lines
         )
-        await asyncio.get_running_loop().run_in_executor(None, self._append, data)
+        async with self._lock:
+            await asyncio.get_running_loop().run_in_executor(None, self._append, data)
 
     def _append(self, data: bytes) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and self.path.stat().st_size + len(data) > self._max_bytes:
-            self.path.replace(self.path.with_name(self.path.name + ".1"))
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size and size + len(data) > self._max_bytes:
+            self._rotate()
         with self.path.open("ab") as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
+
+    def _rotate(self) -> None:
+        def backup(n: int) -> Path:
+            return self.path.with_name(f"{self.path.name}.{n}")
+
+        backup(self._backups).unlink(missing_ok=True)
+        for n in range(self._backups - 1, 0, -1):
+            if backup(n).exists():
+                backup(n).replace(backup(n + 1))
+        if self._backups > 0:
+            self.path.replace(backup(1))
+        else:
+            self.path.unlink()

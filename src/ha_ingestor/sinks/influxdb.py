@@ -1,8 +1,26 @@
 """InfluxDB HTTP API: detection, write endpoints (v1, v2, v3) and their answers, classified.
 
 Only this module knows the endpoints and their authentication; the writer sees one
-``write(body)`` that returns a :class:`WriteResult` whose ``outcome`` says what to do
-(DESIGN §5). Foreign exceptions (aiohttp, timeouts) are translated here, once.
+``write(body)`` that returns a :class:`WriteResult` whose ``outcome`` says what to do with the
+batch (DESIGN §5). Foreign exceptions (aiohttp, timeouts) are translated here, once:
+``write`` never raises for transport errors, ``ping``/``detect``/``prepare`` raise
+:class:`InfluxUnavailableError`.
+
+Endpoints
+- v1 (InfluxDB 1.x): ``POST /write?db=&rp=&precision=ns``; credentials as HTTP basic auth (never
+  the ``u``/``p`` query parameters, so they cannot end up in a logged URL). Without a user name
+  a token is sent as ``Authorization: Token`` (the 1.x-compatible API of InfluxDB 2 and 3).
+  A missing database is created with ``CREATE DATABASE``.
+- v2 (InfluxDB 2.x, Cloud): ``POST /api/v2/write?org=&bucket=&precision=ns`` with
+  ``Authorization: Token``. Without a bucket setting the database name is the bucket.
+- v3 (InfluxDB 3 Core/Enterprise): ``POST /api/v3/write_lp?db=&precision=nanosecond`` with
+  ``Authorization: Bearer`` (v3 creates a missing database on the first write). InfluxDB 3 also
+  serves the v1 and v2 write endpoints above, so either setting works against it.
+
+``auto`` asks ``GET /ping``: InfluxDB 1.x answers 204 with ``X-Influxdb-Version: 1.x``, 2.x
+answers 204 with ``2.x`` (InfluxDB Cloud sends no version), InfluxDB 3 answers 200 with
+``X-Influxdb-Version: 3.x``, ``X-Influxdb-Build: Core|Enterprise`` and a JSON body with
+``version`` — or 401 when the token is missing, since only InfluxDB 3 guards ``/ping``.
 """
 
 from __future__ import annotations
@@ -12,86 +30,113 @@ import base64
 import gzip
 import io
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
-from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from ha_ingestor.config import InfluxApi, Settings
+
+__all__ = [
+    "InfluxClient",
+    "InfluxUnavailableError",
+    "Outcome",
+    "WriteResult",
+    "classify",
+]
+
+_MAX_MESSAGE = 2000
+# Answers about the request rather than its lines: bisecting would dead-letter every line.
+_REQUEST_ERRORS = (
+    "database is required",  # v1: no db parameter
+    "retention policy not found",  # v1: unknown rp (HTTP 500)
+    "orgid or org",  # v2: no organisation given
+    "organization name",  # v2: unknown organisation
+    "db name",  # v3: invalid database name
+    "database or rp name",  # v3: invalid database name
+)
 
 
 class Outcome(StrEnum):
     OK = "ok"
     RETRY = "retryable"  # 429, 5xx, timeouts, connection errors: keep and back off
-    REJECTED = "rejected"  # 400/422: bad lines in the batch
-    AUTH = "auth"  # 401/403
-    NOT_FOUND = "not_found"  # 404: database or bucket missing
-    TOO_LARGE = "too_large"  # 413
+    REJECTED = "rejected"  # 400/422: bad lines in the batch (bisect, dead-letter the bad ones)
+    AUTH = "auth"  # 401/403: keep everything, not ready, retry slowly
+    NOT_FOUND = "not_found"  # 404: database or bucket missing (created on v1)
+    TOO_LARGE = "too_large"  # 413: split the batch
+    CONFIG = "config"  # the request itself is wrong (organisation, retention policy): as AUTH
 
 
 @dataclass(frozen=True, slots=True)
 class WriteResult:
     outcome: Outcome
-    status: int | None = None
-    message: str = ""
-    retry_after: float | None = None
+    status: int | None = None  # None: no HTTP answer (connection error, timeout)
+    message: str = ""  # the server's reason, or the transport error
+    retry_after: float | None = None  # seconds, from Retry-After
+
+    def describe(self) -> str:
+        if self.status is None:
+            return self.message
+        return f"HTTP {self.status}: {self.message}" if self.message else f"HTTP {self.status}"
 
 
 class InfluxUnavailableError(Exception):
     """InfluxDB could not be reached or identified (detection, database creation)."""
 
 
-def _api_from_version(version: str) -> InfluxApi | None:
-    version = version.strip().lstrip("vV")
-    if version[:1] == "1":
-        return InfluxApi.V1
-    if version[:1] == "2":
-        return InfluxApi.V2
-    if version[:1] == "3":
-        return InfluxApi.V3
-    return None
-
-
-def classify(status: int, body: str, headers: Any = None) -> WriteResult:
+def classify(status: int, body: str, headers: Mapping[str, str] | None = None) -> WriteResult:
     """Map an HTTP answer to what the writer must do with the batch."""
-    message = _error_message(body)
     if 200 <= status < 300:
         return WriteResult(Outcome.OK, status)
+    message = error_message(body) or (headers or {}).get("X-Influxdb-Error", "")
+    lowered = message.lower()
     if status in (401, 403):
         return WriteResult(Outcome.AUTH, status, message)
     if status == 404:
         return WriteResult(Outcome.NOT_FOUND, status, message)
     if status == 413:
         return WriteResult(Outcome.TOO_LARGE, status, message)
+    if not lowered.startswith("partial write") and any(e in lowered for e in _REQUEST_ERRORS):
+        return WriteResult(Outcome.CONFIG, status, message)
     if status in (400, 422):
         return WriteResult(Outcome.REJECTED, status, message)
-    retry_after = _retry_after(headers.get("Retry-After") if headers is not None else None)
+    retry_after = parse_retry_after((headers or {}).get("Retry-After"))
     return WriteResult(Outcome.RETRY, status, message, retry_after)
 
 
-def _error_message(body: str) -> str:
+def error_message(body: str) -> str:
+    """The reason in an error body: v1 ``{"error"}``, v2 ``{"code","message"}``, v3
+    ``{"error","data":[{"line_number","error_message",...}]}`` or plain text."""
     body = body.strip()
-    if body.startswith("{"):
-        try:
-            document = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return body[:2000]
-        if isinstance(document, dict):
-            for key in ("error", "message", "data"):
-                if key in document:
-                    value = document[key]
-                    return (
-                        value[:2000]
-                        if isinstance(value, str)
-                        else orjson.dumps(value).decode()[:2000]
-                    )
-    return body[:2000]
+    if not body.startswith("{"):
+        return body[:_MAX_MESSAGE]
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body[:_MAX_MESSAGE]
+    if not isinstance(document, dict):
+        return body[:_MAX_MESSAGE]
+    message = document.get("error") or document.get("message") or ""
+    if not isinstance(message, str):
+        message = orjson.dumps(message).decode()
+    data = document.get("data")
+    if isinstance(data, list) and data:
+        details = [
+            f"line {item.get('line_number', '?')}: {item.get('error_message', '')}"
+            if isinstance(item, dict)
+            else str(item)
+            for item in data
+        ]
+        message = f"{message}: {'; '.join(details)}" if message else "; ".join(details)
+    return (message or body)[:_MAX_MESSAGE]
 
 
-def _retry_after(value: str | None) -> float | None:
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
     if not value:
         return None
     try:
@@ -100,9 +145,14 @@ def _retry_after(value: str | None) -> float | None:
         pass
     try:
         moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError):
         return None
     return max(0.0, moment.timestamp() - time.time())
+
+
+def api_from_version(version: str) -> InfluxApi | None:
+    version = version.strip().lstrip("vV")
+    return {"1": InfluxApi.V1, "2": InfluxApi.V2, "3": InfluxApi.V3}.get(version[:1])
 
 
 class InfluxClient:
@@ -111,54 +161,85 @@ class InfluxClient:
     def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
         self._settings = settings
         self._session = session
-        self._base = settings.influx_url
+        url = URL(settings.influx_url)
+        # Credentials in the URL would clash with the Authorization header and leak into
+        # messages: take them out, and use them as v1 credentials if none are set.
+        self._url_user = url.user
+        self._url_password = url.password
+        self._base = str(url.with_user(None).with_password(None)).rstrip("/")
         self.api: InfluxApi | None = (
             None if settings.influx_api == InfluxApi.AUTO else settings.influx_api
         )
-        self._timeout = aiohttp.ClientTimeout(total=settings.influx_timeout)
         self.version: str | None = None
+        self.build: str | None = None
+        self._timeout = aiohttp.ClientTimeout(total=settings.influx_timeout)
+
+    @property
+    def url(self) -> str:
+        """The base URL without credentials (safe to log)."""
+        return self._base
+
+    @property
+    def target(self) -> str:
+        """The database (v1, v3) or bucket (v2) written to."""
+        settings = self._settings
+        if self.api == InfluxApi.V2:
+            return settings.influx_bucket or settings.influx_database
+        return settings.influx_database
 
     # --- detection and preparation ---------------------------------------------------------------
     async def ping(self) -> tuple[int, str | None]:
         """(status, version) of ``GET /ping``; raises InfluxUnavailableError if unreachable."""
-        headers = self._token_header("Token")
         try:
             async with self._session.get(
-                f"{self._base}/ping", headers=headers, timeout=self._timeout
+                f"{self._base}/ping", headers=self._token_header("Token"), timeout=self._timeout
             ) as response:
                 version = response.headers.get("X-Influxdb-Version")
+                self.build = response.headers.get("X-Influxdb-Build")
                 if version is None and response.content_type == "application/json":
-                    body = await response.json(loads=orjson.loads)
+                    body = orjson.loads(await response.read() or b"null")
                     if isinstance(body, dict) and isinstance(body.get("version"), str):
                         version = body["version"]
                 return response.status, version
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError, orjson.JSONDecodeError) as exc:
             raise InfluxUnavailableError(f"{self._base}/ping: {_describe(exc)}") from None
 
     async def detect(self) -> InfluxApi:
+        """The API to use: the setting, or for ``auto`` what ``/ping`` says."""
         if self.api is not None:
             return self.api
         status, version = await self.ping()
+        if status >= 500:
+            raise InfluxUnavailableError(f"{self._base}/ping: HTTP {status}")
         self.version = version
-        api = _api_from_version(version) if version else None
+        api = api_from_version(version) if version else None
         if api is None:
             if status == 401:
                 api = InfluxApi.V3  # only InfluxDB 3 guards /ping with a token
-            elif self._settings.influx_bucket:
+            elif self._settings.influx_bucket or self._settings.influx_org:
                 api = InfluxApi.V2  # InfluxDB Cloud sends no version header
             else:
                 api = InfluxApi.V1
         self.api = api
         return api
 
-    async def prepare(self) -> InfluxApi:
-        """Detect the API and, on v1, create the database if it is missing."""
-        api = await self.detect()
-        if api == InfluxApi.V1:
-            await self.create_database()
-        return api
+    async def prepare(self) -> WriteResult | None:
+        """Detect the API and, on v1, create the database (idempotent).
 
-    async def create_database(self) -> None:
+        Returns the answer to ``CREATE DATABASE`` (v1) — AUTH when the user may not create
+        databases, which is fine if it exists — or None. Raises InfluxUnavailableError when
+        InfluxDB cannot be reached.
+        """
+        api = await self.detect()
+        if api != InfluxApi.V1:
+            return None
+        result = await self.create_database()
+        if result.outcome == Outcome.RETRY:
+            raise InfluxUnavailableError(f"{self._base}/query: {result.describe()}")
+        return result
+
+    async def create_database(self) -> WriteResult:
+        """``CREATE DATABASE`` on v1 (a no-op if it exists). Never raises."""
         name = self._settings.influx_database.replace("\\", "\\\\").replace('"', '\\"')
         try:
             async with self._session.post(
@@ -168,28 +249,25 @@ class InfluxClient:
                 timeout=self._timeout,
             ) as response:
                 body = await response.text()
-                if response.status in (401, 403):
-                    raise InfluxUnavailableError(
-                        f"not allowed to create database {self._settings.influx_database!r} "
-                        f"(HTTP {response.status}); create it or grant the user admin rights"
-                    )
-                if response.status >= 300:
-                    raise InfluxUnavailableError(
-                        f"CREATE DATABASE failed: HTTP {response.status}: {_error_message(body)}"
-                    )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise InfluxUnavailableError(f"{self._base}/query: {_describe(exc)}") from None
+                result = classify(response.status, body, response.headers)
+                error = _statement_error(body) if result.outcome == Outcome.OK else None
+                if error is not None:
+                    # InfluxQL errors come back as 200 with {"results":[{"error":...}]}.
+                    outcome = Outcome.AUTH if "authoriz" in error else Outcome.CONFIG
+                    return WriteResult(outcome, response.status, error)
+                return result
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return WriteResult(Outcome.RETRY, None, _describe(exc))
 
     # --- writing ---------------------------------------------------------------------------------
     def write_url(self) -> tuple[str, dict[str, str]]:
+        """Endpoint and query parameters of a write (no secrets in either)."""
         settings = self._settings
         api = self.api or InfluxApi.V1
         if api == InfluxApi.V2:
-            params = {
-                "org": settings.influx_org or "",
-                "bucket": settings.influx_bucket or "",
-                "precision": "ns",
-            }
+            params = {"org": settings.influx_org or "", "bucket": self.target, "precision": "ns"}
+            if not settings.influx_org:
+                del params["org"]  # InfluxDB 3's v2 endpoint needs none; 2.x says what is wrong
             return f"{self._base}/api/v2/write", params
         if api == InfluxApi.V3:
             params = {"db": settings.influx_database, "precision": "nanosecond"}
@@ -212,7 +290,7 @@ class InfluxClient:
             async with self._session.post(
                 url, params=params, data=io.BytesIO(body), headers=headers, timeout=self._timeout
             ) as response:
-                text = await response.text() if response.status >= 300 else ""
+                text = await response.text(errors="replace") if response.status >= 300 else ""
                 return classify(response.status, text, response.headers)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return WriteResult(Outcome.RETRY, None, _describe(exc))
@@ -227,41 +305,90 @@ class InfluxClient:
             return self._token_header("Bearer")
         if api == InfluxApi.V2:
             return self._token_header("Token")
-        if settings.influx_username:
-            password = (
-                settings.influx_password.get_secret_value() if settings.influx_password else ""
-            )
-            raw = f"{settings.influx_username}:{password}".encode()
+        username = settings.influx_username or self._url_user
+        if username:
+            if settings.influx_password is not None:
+                password = settings.influx_password.get_secret_value()
+            else:
+                password = self._url_password or ""
+            raw = f"{username}:{password}".encode()
             return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
-        return self._token_header("Token")  # InfluxDB 2/3 v1-compatibility endpoints
+        return self._token_header("Token")  # the v1-compatible endpoints of InfluxDB 2 and 3
 
     # --- `ha-ingestor check` ---------------------------------------------------------------------
     async def check(self) -> str:
-        """Reach InfluxDB, identify it, and prove a write is accepted (an empty write)."""
-        try:
-            api = await self.prepare()
-        except InfluxUnavailableError as exc:
-            from ha_ingestor.checks import CheckError
+        """Reach InfluxDB, identify it, and prove that a write would be accepted.
 
-            raise CheckError(str(exc)) from None
-        result = await self.write(b"")
-        where = (
-            self._settings.influx_bucket if api == InfluxApi.V2 else self._settings.influx_database
-        )
-        version = f" {self.version}" if self.version else ""
-        if result.outcome in (Outcome.OK, Outcome.REJECTED):
-            # An empty body is "no data" to some versions (400): auth and target were accepted.
-            return f"InfluxDB{version} ({api.value} API), writing to {where!r}"
+        Sends an empty write, which every version answers only after checking credentials and
+        the database or bucket (v1: 204; v2 and v3: 400 "no data", which means the same).
+        Returns a one-line summary; raises ``CheckError`` with a message per problem.
+        """
         from ha_ingestor.checks import CheckError
 
-        if result.outcome == Outcome.AUTH:
-            raise CheckError(
-                f"{api.value} API refused the credentials (HTTP {result.status}): check "
-                "HA_INGESTOR_INFLUX_TOKEN or _USERNAME/_PASSWORD"
+        try:
+            if self.api is not None:
+                _, self.version = await self.ping()  # reachable? (and which version)
+            created = await self.prepare()
+        except InfluxUnavailableError as exc:
+            raise CheckError(f"cannot reach InfluxDB: {exc}") from None
+        api = self.api or InfluxApi.V1
+        result = await self.write(b"")
+        found = f"InfluxDB {self.version}" if self.version else "InfluxDB"
+        summary = f"{found} at {self._base} ({api.value} API), writing to {self.target!r}"
+        if result.outcome == Outcome.OK or (
+            result.outcome == Outcome.REJECTED and _means_no_data(result.message)
+        ):
+            return summary
+        raise CheckError(self._check_failure(api, result, created))
+
+    def _check_failure(
+        self, api: InfluxApi, result: WriteResult, created: WriteResult | None
+    ) -> str:
+        settings = self._settings
+        what = "bucket" if api == InfluxApi.V2 else "database"
+        prefix = f"{self._base} ({api.value} API)"
+        if result.status == 401:
+            if api == InfluxApi.V1 and (settings.influx_username or self._url_user):
+                hint = "check HA_INGESTOR_INFLUX_USERNAME and HA_INGESTOR_INFLUX_PASSWORD"
+            elif settings.influx_token is None:
+                hint = "set HA_INGESTOR_INFLUX_TOKEN"
+            else:
+                hint = "check HA_INGESTOR_INFLUX_TOKEN"
+            return f"{prefix}: credentials refused (HTTP 401): {hint}"
+        if result.status == 403:
+            return (
+                f"{prefix}: not allowed to write to {what} {self.target!r} (HTTP 403): "
+                "grant the user or token write access"
             )
         if result.outcome == Outcome.NOT_FOUND:
-            raise CheckError(f"{where!r} does not exist (HTTP 404): {result.message}")
-        raise CheckError(f"write failed: {result.status or ''} {result.message}".strip())
+            detail = f"{what} {self.target!r} not found"
+            if api == InfluxApi.V2 and settings.influx_org:
+                detail = f"{what} {self.target!r} or organisation {settings.influx_org!r} not found"
+            if created is not None and created.outcome != Outcome.OK:
+                detail += f", and creating it failed ({created.describe()})"
+            return f"{prefix}: {detail} (HTTP 404): {result.message}".rstrip(": ")
+        if result.outcome == Outcome.RETRY:
+            return f"{prefix}: write failed ({result.describe()})"
+        return f"{prefix}: write refused ({result.describe()})"
+
+
+def _statement_error(body: str) -> str | None:
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    results = document.get("results") if isinstance(document, dict) else None
+    if isinstance(results, list) and results and isinstance(results[0], dict):
+        error = results[0].get("error")
+        return str(error) if error else None
+    return None
+
+
+def _means_no_data(message: str) -> bool:
+    lowered = message.lower()
+    return not lowered or any(
+        words in lowered for words in ("empty", "requires points", "no data", "no points")
+    )
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,46 +1,66 @@
 """The InfluxDB writer: drains the buffer in batches, a few requests in flight, losing nothing.
 
-Per DESIGN §5: retryable answers keep the batch and back off (honouring ``Retry-After``);
-a rejected batch is bisected so its good lines land and each bad line goes to the dead-letter
-file with the server's reason; 413 splits the batch; 401/403 keep everything, mark the sink
-failed (not ready) and retry slowly, so a fixed token resumes writing without a restart.
-A batch leaves the buffer only when InfluxDB has it (or it is dead-lettered).
+Per DESIGN §5, by the :class:`~ha_ingestor.sinks.influxdb.Outcome` of each request:
+
+- ``ok``: the batch is acknowledged to the buffer (and leaves the spool).
+- ``retryable`` (429, 5xx, timeouts, refused connections): the same batch is sent again after a
+  capped exponential backoff with full jitter, or after ``Retry-After`` if that is longer.
+  Nothing is dropped, however long it takes.
+- ``rejected`` (400/422): the batch is bisected until the bad lines are isolated; the good lines
+  are stored and each bad line goes to the dead-letter file with the server's reason.
+- ``too_large`` (413): the batch is split in halves, recursively.
+- ``auth`` (401/403), ``config`` (a wrong organisation or retention policy) and ``not_found``
+  (404; on v1 the database is created first and the write retried at once): the batch is kept,
+  the connection is marked failed (not ready), an error is logged once per ``auth_log_interval``
+  and the write is retried with the same slow backoff — a fixed token resumes writing without
+  a restart.
+
+A batch is acknowledged only once every line of it is in InfluxDB or in the dead-letter file.
+``stop`` lets the loops drain the buffer until a deadline; batches not written by then are
+handed back to the buffer (``release``), so they stay in the spool.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 from ha_ingestor.config import InfluxApi, Settings
 from ha_ingestor.pipeline.buffer import Batch, Buffer
-from ha_ingestor.sinks.dead_letter import DeadLetterFile
+from ha_ingestor.sinks.dead_letter import DEAD_LETTER_FILE, DeadLetterFile
 from ha_ingestor.sinks.influxdb import InfluxClient, InfluxUnavailableError, Outcome, WriteResult
 from ha_ingestor.sources.backoff import Backoff
 from ha_ingestor.telemetry import ConnState, Telemetry
 
+__all__ = ["MEASUREMENTS", "TARGET", "InfluxWriter", "count_measurements"]
+
 TARGET = "influxdb"
-_AUTH_LOG_INTERVAL = 60.0
-
-
+#: Measurements counted by name in ``points_written``; anything else counts as "other".
 MEASUREMENTS = ("mqtt_message", "ha_state", "ha_event")
+_PREFIXES = {m + sep: m for m in MEASUREMENTS for sep in ", "}
+_PREFIX_LENGTHS = sorted({len(p) for p in _PREFIXES}, reverse=True)
+_REFUSED = (Outcome.AUTH, Outcome.CONFIG, Outcome.NOT_FOUND)
 
 
-def count_measurements(body: str, lines: int) -> dict[str, int]:
-    """Points per measurement in a newline-joined batch, counted at C speed (str.count)."""
+def count_measurements(lines: list[str]) -> dict[str, int]:
+    """Lines per measurement (known names, else ``other``), exactly: by each line's prefix."""
     counts: dict[str, int] = {}
-    for measurement in MEASUREMENTS:
-        count = body.count("\n" + measurement + ",") + body.startswith(measurement + ",")
-        if count:
-            counts[measurement] = count
-    other = lines - sum(counts.values())
-    if other:
-        counts["other"] = other
+    get = _PREFIXES.get
+    lengths = _PREFIX_LENGTHS
+    for line in lines:
+        name = "other"
+        for length in lengths:
+            found = get(line[:length])
+            if found is not None:
+                name = found
+                break
+        counts[name] = counts.get(name, 0) + 1
     return counts
 
 
 class InfluxWriter:
+    """Runs ``settings.influx_concurrency`` write loops over one buffer (``run``/``stop``)."""
+
     def __init__(
         self,
         settings: Settings,
@@ -48,21 +68,32 @@ class InfluxWriter:
         buffer: Buffer,
         telemetry: Telemetry,
         dead_letters: DeadLetterFile | None = None,
+        *,
+        retry_base: float = 0.5,
+        retry_cap: float = 30.0,
+        auth_log_interval: float = 60.0,
     ) -> None:
         self._settings = settings
         self._client = client
         self._buffer = buffer
         self._telemetry = telemetry
-        self._dead_letters = dead_letters or DeadLetterFile(
-            settings.spool_dir / "dead-letter.jsonl"
-        )
-        self._backoff = Backoff(base=0.5, cap=30.0)
+        self.dead_letters = dead_letters or DeadLetterFile(settings.spool_dir / DEAD_LETTER_FILE)
+        self._retry_base = retry_base
+        self._retry_cap = retry_cap
+        self._auth_log_interval = auth_log_interval
+        self._last_refusal_log: float | None = None
+        self._refusals_since_log = 0
         self._draining = False
         self._loops: list[asyncio.Task[None]] = []
-        self._busy = 0  # loops holding a batch
+        self._in_flight = 0  # loops holding a batch
         self._prepared = asyncio.Event()
 
+    def _backoff(self) -> Backoff:
+        return Backoff(base=self._retry_base, cap=self._retry_cap)
+
+    # --- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:
+        """Identify InfluxDB, then write until cancelled (or until ``stop``)."""
         self._telemetry.set_state(TARGET, ConnState.CONNECTING)
         await self._prepare()
         self._loops = [
@@ -75,120 +106,164 @@ class InfluxWriter:
             for task in self._loops:
                 task.cancel()
 
-    async def _prepare(self) -> None:
-        """Identify InfluxDB and create the v1 database, retrying until it answers."""
-        backoff = Backoff(base=0.5, cap=30.0)
-        while True:
-            try:
-                api = await self._client.prepare()
-            except InfluxUnavailableError as exc:
-                self._telemetry.set_state(TARGET, ConnState.RECONNECTING, error=str(exc))
-                await asyncio.sleep(backoff.next_delay())
-                continue
-            self._telemetry.log.info(
-                "influxdb detected", api=api.value, version=self._client.version
-            )
-            self._telemetry.set_state(TARGET, ConnState.CONNECTED)
-            self._prepared.set()
-            return
-
-    async def _loop(self) -> None:
-        settings = self._settings
-        buffer = self._buffer
-        while True:
-            max_wait = 0.0 if self._draining else settings.influx_flush_interval
-            batch = await buffer.next_batch(settings.influx_batch_size, max_wait)
-            self._busy += 1
-            try:
-                await self._write_all(batch.lines)
-            except asyncio.CancelledError:
-                await buffer.release(batch)
-                raise
-            finally:
-                self._busy -= 1
-            await buffer.ack(batch)
-            self._observe(batch)
-
-    def _observe(self, batch: Batch) -> None:
-        metrics = self._telemetry.metrics
-        metrics.batch_size.observe(len(batch.lines))
-        metrics.end_to_end_latency.observe(max(0.0, time.time() - batch.oldest_received_at))
-
-    async def _write_all(self, lines: list[str]) -> None:
-        """Write ``lines`` until every one is stored or dead-lettered."""
-        telemetry = self._telemetry
-        metrics = telemetry.metrics
-        body = "\n".join(lines)
-        while True:
-            started = time.perf_counter()
-            result = await self._client.write(body.encode())
-            metrics.write_duration.observe(time.perf_counter() - started)
-            if result.outcome == Outcome.OK:
-                self._backoff.reset()
-                telemetry.set_state(TARGET, ConnState.CONNECTED)
-                for measurement, count in count_measurements(body, len(lines)).items():
-                    metrics.points_written.labels(measurement).inc(count)
-                return
-            metrics.write_errors.labels(result.outcome.value).inc()
-            if result.outcome in (Outcome.REJECTED, Outcome.TOO_LARGE):
-                if len(lines) == 1:
-                    await self._dead_letter(lines, result)
-                    return
-                middle = len(lines) // 2
-                await self._write_all(lines[:middle])
-                await self._write_all(lines[middle:])
-                return
-            if result.outcome == Outcome.NOT_FOUND and self._client.api == InfluxApi.V1:
-                with contextlib.suppress(InfluxUnavailableError):
-                    await self._client.create_database()
-                    continue
-            await self._wait_after(result)
-
-    async def _wait_after(self, result: WriteResult) -> None:
-        telemetry = self._telemetry
-        if result.outcome in (Outcome.AUTH, Outcome.NOT_FOUND):
-            detail = f"HTTP {result.status}: {result.message}".strip()
-            if telemetry.connection(TARGET).state != ConnState.FAILED:
-                telemetry.error(TARGET, "influxdb refused the write", error=detail)
-            else:
-                telemetry.warn_throttled(
-                    "influx_auth",
-                    _AUTH_LOG_INTERVAL,
-                    "influxdb still refusing writes",
-                    error=detail,
-                )
-            telemetry.set_state(TARGET, ConnState.FAILED, error=detail)
-        else:
-            detail = f"HTTP {result.status}: {result.message}" if result.status else result.message
-            telemetry.set_state(TARGET, ConnState.RECONNECTING, error=detail)
-        delay = self._backoff.next_delay()
-        if result.retry_after is not None:
-            delay = max(delay, min(result.retry_after, 300.0))
-        await asyncio.sleep(delay)
-
-    async def _dead_letter(self, lines: list[str], result: WriteResult) -> None:
-        reason = f"HTTP {result.status}: {result.message}"
-        await self._dead_letters.add(lines, reason)
-        self._telemetry.metrics.dead_lettered.inc(len(lines))
-        self._telemetry.dropped("rejected_by_influxdb", len(lines), intentional=False)
-        self._telemetry.warn_throttled(
-            "dead_letter",
-            10.0,
-            "line rejected by influxdb, dead-lettered",
-            reason=reason,
-            line=lines[0][:500],
-            file=str(self._dead_letters.path),
-        )
-
     async def stop(self, grace: float) -> None:
-        """Write what is buffered for up to ``grace`` seconds; the rest stays in the buffer."""
+        """Write what is buffered for up to ``grace`` seconds, finishing writes in flight;
+        whatever is not written by then stays in the buffer."""
         self._draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         if self._prepared.is_set():
             # Polling: "buffer empty and no write in flight" has no single event to wait on.
-            while loop.time() < deadline and (self._busy or self._buffer.depth()[0]):  # noqa: ASYNC110
+            while loop.time() < deadline and (self._in_flight or self._buffer.depth()[0]):  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
+        self._telemetry.set_state(TARGET, ConnState.STOPPED)
+
+    async def _prepare(self) -> None:
+        """Identify InfluxDB (and create the v1 database), retrying until it answers."""
+        telemetry = self._telemetry
+        backoff = self._backoff()
+        while True:
+            try:
+                created = await self._client.prepare()
+            except InfluxUnavailableError as exc:
+                telemetry.set_state(TARGET, ConnState.RECONNECTING, error=str(exc))
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            break
+        client = self._client
+        api = client.api or InfluxApi.V1
+        if created is not None and created.outcome != Outcome.OK:
+            # A user without admin rights may still write to an existing database.
+            telemetry.log.warning(
+                "influxdb database not created",
+                database=client.target,
+                error=created.describe(),
+            )
+        telemetry.log.info(
+            "influxdb detected",
+            url=client.url,
+            api=api.value,
+            version=client.version,
+            build=client.build,
+            target=client.target,
+        )
+        telemetry.set_state(TARGET, ConnState.CONNECTED)
+        self._prepared.set()
+
+    # --- writing ---------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        settings = self._settings
+        buffer = self._buffer
+        backoff = self._backoff()
+        while True:
+            max_wait = 0.0 if self._draining else settings.influx_flush_interval
+            batch = await buffer.next_batch(settings.influx_batch_size, max_wait)
+            self._in_flight += 1
+            try:
+                await self._write(batch.lines, backoff)
+            except asyncio.CancelledError:
+                await buffer.release(batch)
+                raise
+            finally:
+                self._in_flight -= 1
+            await buffer.ack(batch)
+            self._observe(batch)
+
+    def _observe(self, batch: Batch) -> None:
+        latency = max(0.0, time.time() - batch.oldest_received_at)
+        self._telemetry.metrics.end_to_end_latency.observe(latency)
+
+    async def _write(self, lines: list[str], backoff: Backoff) -> None:
+        """Write ``lines`` until every one is stored or dead-lettered."""
+        telemetry = self._telemetry
+        metrics = telemetry.metrics
+        client = self._client
+        body = "\n".join(lines).encode()
+        created = False
+        while True:
+            started = time.perf_counter()
+            result = await client.write(body)
+            metrics.write_duration.observe(time.perf_counter() - started)
+            metrics.batch_size.observe(len(lines))
+            outcome = result.outcome
+            if outcome == Outcome.OK:
+                backoff.reset()
+                telemetry.set_state(TARGET, ConnState.CONNECTED)
+                for measurement, count in count_measurements(lines).items():
+                    metrics.points_written.labels(measurement).inc(count)
+                return
+            metrics.write_errors.labels(outcome.value).inc()
+            if outcome in (Outcome.REJECTED, Outcome.TOO_LARGE):
+                if len(lines) == 1:
+                    await self._dead_letter(lines, result, backoff)
+                    return
+                middle = len(lines) // 2
+                await self._write(lines[:middle], backoff)
+                await self._write(lines[middle:], backoff)
+                return
+            if outcome == Outcome.NOT_FOUND and client.api == InfluxApi.V1 and not created:
+                created = True  # once per batch: a 404 that creating does not cure waits
+                answer = await client.create_database()
+                if answer.outcome == Outcome.OK:
+                    telemetry.log.warning("influxdb database created", database=client.target)
+                    continue
+            await self._wait_after(result, backoff)
+
+    async def _wait_after(self, result: WriteResult, backoff: Backoff) -> None:
+        telemetry = self._telemetry
+        detail = result.describe()
+        if result.outcome in _REFUSED:
+            self._log_refusal(result)
+            telemetry.set_state(TARGET, ConnState.FAILED, error=detail)
+        else:
+            telemetry.set_state(TARGET, ConnState.RECONNECTING, error=detail)
+        delay = backoff.next_delay()
+        if result.retry_after is not None:
+            delay = max(delay, min(result.retry_after, 300.0))
+        await asyncio.sleep(delay)
+
+    def _log_refusal(self, result: WriteResult) -> None:
+        """An error once per ``auth_log_interval`` while InfluxDB refuses writes, not per retry."""
+        telemetry = self._telemetry
+        now = telemetry.clock()
+        self._refusals_since_log += 1
+        last = self._last_refusal_log
+        if last is not None and now - last < self._auth_log_interval:
+            return
+        self._last_refusal_log = now
+        lines, _ = self._buffer.depth()
+        telemetry.error(
+            TARGET,
+            "influxdb refuses writes; data is kept and retried",
+            error=result.describe(),
+            kind=result.outcome.value,
+            target=self._client.target,
+            refusals=self._refusals_since_log,
+            waiting_lines=lines,
+        )
+        self._refusals_since_log = 0
+
+    async def _dead_letter(self, lines: list[str], result: WriteResult, backoff: Backoff) -> None:
+        telemetry = self._telemetry
+        reason = result.describe()
+        while True:
+            try:
+                await self.dead_letters.add(lines, reason)
+                break
+            except OSError as exc:
+                # Never acknowledge a line that is neither in InfluxDB nor on disk.
+                telemetry.error(TARGET, "cannot write the dead-letter file", error=str(exc))
+                await asyncio.sleep(backoff.next_delay())
+        telemetry.metrics.dead_lettered.inc(len(lines))
+        telemetry.dropped("rejected_by_influxdb", len(lines), intentional=False)
+        telemetry.warn_throttled(
+            "dead_letter",
+            10.0,
+            "line rejected by influxdb, dead-lettered",
+            reason=reason,
+            line=lines[0][:500],
+            file=str(self.dead_letters.path),
+        )
