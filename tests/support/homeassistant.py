@@ -166,6 +166,7 @@ class HomeAssistant(ServerProcess):
         super().start(timeout)
         if not self.token:
             self.token = asyncio.run(self._onboard())
+            self._wait_token_saved()
         self.wait_running()
         self.startup_seconds.append(time.monotonic() - began)
 
@@ -188,6 +189,18 @@ class HomeAssistant(ServerProcess):
                     return
             time.sleep(0.1)
         raise RuntimeError(f"Home Assistant did not reach RUNNING; log tail:\n{self.log_tail()}")
+
+    def _wait_token_saved(self, timeout: float = 30.0) -> None:
+        """Home Assistant writes its auth store a moment after a change: until then a SIGKILL
+        would forget the token."""
+        store = self.config_dir / ".storage" / "auth"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if "ha-ingestor-tests" in store.read_text():
+                    return
+            time.sleep(0.1)
+        raise RuntimeError("Home Assistant did not save the test token")
 
     async def _onboard(self) -> str:
         """Create the owner, exchange the auth code for an access token, and turn that into
