@@ -45,11 +45,12 @@ async def wait_for_coverage(
     since: float,
     expected: dict[str, int],
     timeout: float = 120,
-    removed: frozenset[str] = frozenset(),
+    both_ways: bool = True,
 ) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
     """Wait until the recorder has the ``expected`` rows per entity-id prefix and InfluxDB and
-    the recorder agree both ways (the recorder writes in the background, so both are polled).
-    Points of ``removed`` entities are the one thing the recorder has no row for."""
+    the recorder agree (the recorder writes in the background, so both are polled): both
+    ways, or with ``both_ways=False`` only every row having its point. An entity's removal is
+    a row too (state "")."""
     recorded: set[tuple[str, int]] = set()
     stored: set[tuple[str, int]] = set()
 
@@ -61,8 +62,7 @@ async def wait_for_coverage(
             sum(1 for entity, _ in recorded if entity.startswith(prefix)) >= count
             for prefix, count in expected.items()
         )
-        extra = {entity for entity, _ in stored - recorded}
-        return complete and recorded <= stored and extra <= removed
+        return complete and (recorded == stored if both_ways else recorded <= stored)
 
     with contextlib.suppress(TimeoutError):
         await wait_for(covered, timeout=timeout, interval=0.5, message="recorder coverage")
@@ -116,17 +116,13 @@ async def test_every_state_change_and_event_is_stored_and_matches_the_recorder(
     await asyncio.to_thread(ha.set_state, "sensor.burst_gone", "unavailable")
     await asyncio.to_thread(ha.api, "DELETE", "/api/states/sensor.burst_gone")
 
-    recorded, stored = await wait_for_coverage(
-        service, ha, since, {"sensor.burst_": changes}, removed=frozenset({"sensor.burst_gone"})
-    )
+    recorded, stored = await wait_for_coverage(service, ha, since, {"sensor.burst_": changes})
     burst_points = {
         s for s in stored if s[0].startswith("sensor.burst_") and s[0] != "sensor.burst_gone"
     }
     assert len(burst_points) == changes, "one ha_state point per state change"
     assert recorded - stored == set(), "every recorder row is in InfluxDB"
-    # Removal is a point too (the recorder keeps no row for it); nothing else is extra.
-    extra = stored - recorded
-    assert {entity for entity, _ in extra} <= {"sensor.burst_gone"}
+    assert stored - recorded == set(), "every point has its row in the recorder (removal too)"
     assert stored_point_count(service, since) == len(stored), "no duplicates"
 
     rows = service.influx.rows(

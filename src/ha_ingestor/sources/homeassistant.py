@@ -154,7 +154,7 @@ class HomeAssistantSource:
                     loop = asyncio.get_running_loop()
                     began = loop.time()
                     try:
-                        await self._connection(backoff)
+                        await self._connection()
                     except (AuthInvalidError, NotAllowedError) as exc:
                         telemetry.set_state(TARGET, ConnState.FAILED, error=str(exc))
                         await asyncio.Event().wait()  # stay up, not ready, until stopped
@@ -191,7 +191,7 @@ class HomeAssistantSource:
             context.verify_mode = ssl.CERT_NONE
         return context
 
-    async def _connection(self, backoff: Backoff) -> None:
+    async def _connection(self) -> None:
         """One connection, from connect to close. Returns never: raises why it ended."""
         self.connection_attempts += 1
         async with asyncio.timeout(_CALL_TIMEOUT):
