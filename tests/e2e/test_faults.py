@@ -218,10 +218,12 @@ async def test_spool_cap_during_an_outage_drops_exactly_what_the_policy_says(
         await asyncio.to_thread(influx.start)
         numbers = await wait_for_numbers(influx, database, total - dropped)
         assert len(numbers) == total - dropped == len(set(numbers))
-        # drop_oldest: one run of the oldest waiting numbers is gone (those being written when the
-        # cap was hit are kept), and everything newer is there.
+        # drop_oldest: the oldest waiting numbers are gone, in at most a few runs (a batch being
+        # written when the cap was hit is kept, one run boundary per writer), and everything
+        # newer than the last dropped number is there.
         missing = sorted(set(range(total)) - set(numbers))
-        assert missing == list(range(missing[0], missing[0] + dropped))
+        runs = 1 + sum(1 for a, b in zip(missing, missing[1:], strict=False) if b != a + 1)
+        assert runs <= 3, runs
         assert [n for n in numbers if n > missing[-1]] == list(range(missing[-1] + 1, total))
 
 
