@@ -4,6 +4,7 @@ every number is in InfluxDB exactly once."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -222,7 +223,7 @@ async def test_spool_cap_during_an_outage_drops_exactly_what_the_policy_says(
         # written when the cap was hit is kept, one run boundary per writer), and everything
         # newer than the last dropped number is there.
         missing = sorted(set(range(total)) - set(numbers))
-        runs = 1 + sum(1 for a, b in zip(missing, missing[1:], strict=False) if b != a + 1)
+        runs = 1 + sum(1 for a, b in itertools.pairwise(missing) if b != a + 1)
         assert runs <= 3, runs
         assert [n for n in numbers if n > missing[-1]] == list(range(missing[-1] + 1, total))
 
