@@ -25,8 +25,8 @@ from tests.support.waiting import wait_for
 class RecordingBuffer(MemoryBuffer):
     """A memory buffer that keeps a copy of every line added."""
 
-    def __init__(self) -> None:
-        super().__init__(max_lines=1_000_000)
+    def __init__(self, max_lines: int = 1_000_000) -> None:
+        super().__init__(max_lines=max_lines)
         self.lines: list[str] = []
 
     def add(self, line: str) -> asyncio.Future[None]:

@@ -412,11 +412,8 @@ class HomeAssistantSource:
                 if isinstance(entity_id, str) and len(self._known_entities) < _MAX_KNOWN_ENTITIES:
                     self._known_entities.add(entity_id)
             point = self._mapper.map_event(event)
-            if point is None:
-                telemetry.dropped("filtered_event", intentional=True)
-                return
-            line = encode_point(point)
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            telemetry.invalid(TARGET, "malformed_event", error=_describe(exc))
             telemetry.dropped("malformed_event", intentional=False)
             telemetry.warn_throttled(
                 "homeassistant-malformed",
@@ -424,6 +421,21 @@ class HomeAssistantSource:
                 "event not stored",
                 event_type=str(event_type),
                 error=_describe(exc),
+            )
+            return
+        if point is None:
+            telemetry.dropped("filtered_event", intentional=True)
+            return
+        try:
+            line = encode_point(point)
+        except ValueError as exc:
+            telemetry.dropped("unencodable", intentional=False)
+            telemetry.warn_throttled(
+                "homeassistant-unencodable",
+                60,
+                "point cannot be encoded",
+                event_type=str(event_type),
+                error=str(exc),
             )
             return
         accepted = self._buffer.add(line)

@@ -1,0 +1,111 @@
+"""The Home Assistant source's own bookkeeping, without a Home Assistant: shutdown drains
+what was read, bad events are counted, the checkpoint waits for the back-fill."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from prometheus_client import CollectorRegistry
+
+from ha_ingestor.config import load_settings
+from ha_ingestor.pipeline.buffer import MemoryCheckpoints
+from ha_ingestor.pipeline.ha_events import format_time_ns, parse_time_ns
+from ha_ingestor.sources.homeassistant import CHECKPOINT_KEY, HomeAssistantSource
+from ha_ingestor.telemetry import Telemetry
+from tests.homeassistant.harness import RecordingBuffer
+from tests.support.servers import free_port
+from tests.support.waiting import wait_for
+
+T1 = "2024-03-15T10:21:00.000001+00:00"
+
+
+def state_changed(entity_id: str, value: str, fired: str = T1) -> dict[str, Any]:
+    new = {
+        "entity_id": entity_id,
+        "state": value,
+        "attributes": {},
+        "last_changed": fired,
+        "last_updated": fired,
+        "context": {"id": "c1"},
+    }
+    return {
+        "event_type": "state_changed",
+        "data": {"entity_id": entity_id, "new_state": new, "old_state": None},
+        "origin": "LOCAL",
+        "time_fired": fired,
+        "context": {"id": "c1"},
+    }
+
+
+@contextlib.asynccontextmanager
+async def offline_source(
+    buffer: RecordingBuffer, checkpoints: MemoryCheckpoints | None = None, **settings: str
+) -> AsyncIterator[tuple[HomeAssistantSource, CollectorRegistry]]:
+    env = {
+        "HA_INGESTOR_INFLUX_URL": "http://127.0.0.1:9",
+        "HA_INGESTOR_HA_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens
+        "HA_INGESTOR_HA_TOKEN": "unused",
+    } | {f"HA_INGESTOR_{k.upper()}": v for k, v in settings.items()}
+    registry = CollectorRegistry()
+    async with aiohttp.ClientSession() as session:
+        source = HomeAssistantSource(
+            load_settings(env),
+            buffer,
+            Telemetry(registry),
+            session,
+            checkpoints if checkpoints is not None else MemoryCheckpoints(),
+        )
+        yield source, registry
+
+
+async def test_events_already_read_are_buffered_when_the_source_stops() -> None:
+    buffer = RecordingBuffer(max_lines=1)  # full after one line: the processor waits for room
+    async with offline_source(buffer) as (source, _):
+        task = asyncio.create_task(source.run())
+        source._events.extend(state_changed(f"sensor.s{i}", str(i)) for i in range(4))
+        source._events_ready.set()
+        await wait_for(lambda: len(buffer.lines) == 1)
+        await asyncio.sleep(0.1)
+        assert len(buffer.lines) == 1, "the processor waits while the buffer is full"
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert len(buffer.lines) == 4, "shutdown buffered the events that were read"
+
+
+async def test_malformed_and_filtered_events_are_counted_not_stored() -> None:
+    buffer = RecordingBuffer()
+    async with offline_source(buffer, ha_exclude_entities="sensor.hidden_*") as (source, registry):
+        source._handle({"event_type": "state_changed", "data": {"entity_id": "sensor.x"}})
+        source._handle(state_changed("sensor.hidden_1", "1"))
+        source._handle(state_changed("sensor.shown", "1"))
+    assert len(buffer.lines) == 1
+
+    def sample(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    dropped = "ha_ingestor_events_dropped_total"
+    assert sample(dropped, reason="malformed_event", intentional="false") == 1
+    assert sample(dropped, reason="filtered_event", intentional="true") == 1
+    assert (
+        sample("ha_ingestor_invalid_input_total", source="homeassistant", reason="malformed_event")
+        == 1
+    )
+
+
+async def test_the_checkpoint_stays_at_a_gap_until_its_back_fill_is_durable() -> None:
+    gap_start = "2024-03-15T10:00:00.000000+00:00"
+    checkpoints = MemoryCheckpoints()
+    await checkpoints.save(CHECKPOINT_KEY, gap_start)
+    buffer = RecordingBuffer()
+    async with offline_source(buffer, checkpoints) as (source, _):
+        assert source.checkpoint() == gap_start
+        source._handle(state_changed("sensor.live", "1", fired=T1))
+        await asyncio.sleep(0.01)  # the group is sealed: durable in memory
+        assert source.checkpoint() == gap_start, "live events do not move it past the gap"
+        source._release_hold(parse_time_ns(gap_start))
+        assert source.checkpoint() == format_time_ns(parse_time_ns(T1))
