@@ -1,4 +1,4 @@
-"""The Home Assistant source's own bookkeeping, without a Home Assistant: shutdown drains
+"""The Home Assistant source's own bookkeeping, without a Home Assistant: registries, shutdown drains
 what was read, bad events are counted, the checkpoint waits for the back-fill."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry
 
 from ha_ingestor.config import load_settings
 from ha_ingestor.pipeline.buffer import MemoryCheckpoints
-from ha_ingestor.pipeline.ha_events import format_time_ns, parse_time_ns
+from ha_ingestor.pipeline.ha_events import EntityInfo, format_time_ns, parse_time_ns
+from ha_ingestor.sources.ha_registry import Registries
 from ha_ingestor.sources.homeassistant import CHECKPOINT_KEY, HomeAssistantSource
 from ha_ingestor.telemetry import Telemetry
 from tests.homeassistant.harness import RecordingBuffer
@@ -109,3 +110,35 @@ async def test_the_checkpoint_stays_at_a_gap_until_its_back_fill_is_durable() ->
         assert source.checkpoint() == gap_start, "live events do not move it past the gap"
         source._release_hold(parse_time_ns(gap_start))
         assert source.checkpoint() == format_time_ns(parse_time_ns(T1))
+
+
+async def test_registries_resolve_area_device_and_platform() -> None:
+    answers: dict[str, Any] = {
+        "config/area_registry/list": [
+            {"area_id": "kitchen", "name": "Kitchen"},
+            {"area_id": "hall", "name": "Hall"},
+        ],
+        "config/device_registry/list": [
+            {"id": "d1", "area_id": "kitchen", "name": "Plug", "name_by_user": "Coffee plug"},
+            {"id": "d2", "area_id": None, "name": "Bridge", "name_by_user": None},
+        ],
+        "config/entity_registry/list": [
+            {"entity_id": "switch.coffee", "platform": "zha", "device_id": "d1", "area_id": None},
+            {"entity_id": "sensor.hall_t", "platform": "zha", "device_id": "d1", "area_id": "hall"},
+            {"entity_id": "sensor.bridge", "platform": "hue", "device_id": "d2", "area_id": None},
+        ],
+    }
+
+    async def call(command: str) -> Any:
+        return answers[command]
+
+    registries = Registries()
+    await registries.load(call)
+    assert registries.info("switch.coffee") == EntityInfo("Kitchen", "Coffee plug", "zha")
+    assert registries.info("sensor.hall_t").area == "Hall", "the entity's own area wins"
+    assert registries.info("sensor.bridge") == EntityInfo(None, "Bridge", "hue")
+    assert registries.info("sensor.unknown") == EntityInfo()
+
+    answers["config/area_registry/list"][0]["name"] = "Scullery"
+    await registries.load(call, "area")
+    assert registries.info("switch.coffee").area == "Scullery", "answers are not kept stale"
