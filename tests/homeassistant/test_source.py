@@ -4,6 +4,7 @@ with Home Assistant's own recorder; registries; permissions; dead connections; r
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import threading
 import time
@@ -261,7 +262,7 @@ class ContinuousWriter:
             try:
                 self._ha.set_state(f"sensor.{self._prefix}_{i % self._entities}", str(i))
                 self.accepted += 1
-            except OSError:
+            except (OSError, http.client.HTTPException):  # HA killed mid-request: try again
                 time.sleep(0.05)
             i += 1
 
