@@ -5,7 +5,7 @@ exponentially growing delay and connect again (subscriptions are renewed on ever
 gmqtt's own reconnect loop is switched off because its delay is fixed.
 
 Delivery: QoS 1/2 messages are acknowledged only after their line is durable in the spool
-(gmqtt sends the PUBACK when ``on_message`` returns). With a stable client id and a session
+(see ``mqtt_fast_path``: the PUBACK is sent from the spool's commit callback). With a stable client id and a session
 expiry the broker keeps queueing while the ingestor is away; a Receive Maximum of 65535 keeps
 delayed acknowledgements from throttling the stream.
 """
@@ -19,7 +19,6 @@ import re
 import ssl
 import time
 from collections import OrderedDict
-from time import monotonic
 from typing import Any
 
 import gmqtt
@@ -30,6 +29,7 @@ from ha_ingestor.pipeline.buffer import Buffer
 from ha_ingestor.pipeline.mqtt_discovery import DiscoveryMap
 from ha_ingestor.pipeline.mqtt_messages import MqttMessageEncoder
 from ha_ingestor.sources.backoff import Backoff
+from ha_ingestor.sources.mqtt_fast_path import PublishFastPath
 from ha_ingestor.telemetry import ConnState, Telemetry
 
 TARGET = "mqtt"
@@ -211,7 +211,8 @@ class MqttSource:
         self._disconnected.clear()
         ssl_context = _ssl_context(settings) if settings.mqtt_tls else False
         version = self._protocol
-        self._install_publish_handler(client)
+        fast_path = PublishFastPath(client, self._on_publish, self._publish_failed)
+        fast_path.install_handler()
         try:
             await asyncio.wait_for(
                 client.connect(
@@ -233,6 +234,7 @@ class MqttSource:
                 self._protocol = MQTTv311
                 self._telemetry.log.warning("mqtt protocol fallback", protocol="3.1.1")
             raise ConnectionError("broker did not answer CONNECT") from None
+        fast_path.install_reader()
         filters = [*self._settings.mqtt_topics]
         if not self._include.matches(f"{settings.mqtt_discovery_prefix}/x/y/config"):
             filters += self._discovery_filters
@@ -264,6 +266,10 @@ class MqttSource:
     def _on_disconnect(self, client: Any, packet: Any, exc: Any = None) -> None:
         self._disconnected.set()
 
+    def _publish_failed(self, exc: Exception) -> None:
+        self._telemetry.dropped("unhandled_message", intentional=False)
+        self._telemetry.error(TARGET, "mqtt message not handled", error=_describe(exc))
+
     def _invalid(self, reason: str, topic: str) -> None:
         self._telemetry.invalid(TARGET, reason, topic=topic)
 
@@ -275,68 +281,6 @@ class MqttSource:
             now = self._last_ns + 1
         self._last_ns = now
         return now
-
-    def _install_publish_handler(self, client: Any) -> None:
-        """Take over PUBLISH handling from gmqtt (pinned to 0.8.x for this reason).
-
-        gmqtt runs an ``async on_message`` as one Task per message and only then acknowledges;
-        at tens of thousands of messages per second the Tasks cost more than the rest of the
-        pipeline. Here a PUBLISH is parsed and encoded synchronously, and its PUBACK/PUBREC is
-        sent from a callback on the spool's group-commit future: ack after durable, no Task.
-        We do not ask for topic aliases, so the broker sends full topic names.
-        """
-        handler = client._package_handler
-        state = client._connection_state  # its protocol_version drops to 3.1.1 on fallback
-        on_publish = self._on_publish
-
-        def handle_publish_packet(cmd: int, raw: bytes) -> None:
-            qos = (cmd & 0x06) >> 1
-            topic_end = 2 + ((raw[0] << 8) | raw[1])
-            topic = raw[2:topic_end].decode("utf-8", "replace")
-            position = topic_end
-            mid = 0
-            if qos:
-                mid = (raw[position] << 8) | raw[position + 1]
-                position += 2
-            if (
-                state.protocol_version >= MQTTv50
-            ):  # skip the properties: variable-length size, then the bytes
-                length, shift = 0, 0
-                while True:
-                    byte = raw[position]
-                    position += 1
-                    length |= (byte & 0x7F) << shift
-                    shift += 7
-                    if not byte & 0x80:
-                        break
-                position += length
-            accepted = on_publish(topic, raw[position:], qos, bool(cmd & 0x01), bool(cmd & 0x08))
-            if qos == 1:
-                if accepted is None:
-                    handler._send_puback(mid)
-                else:
-                    accepted.add_done_callback(lambda _f: handler._send_puback(mid))
-            elif qos == 2:
-                if accepted is None:
-                    handler._send_pubrec(mid)
-                else:
-                    accepted.add_done_callback(lambda _f: handler._send_pubrec(mid))
-
-        # gmqtt looks handlers up by attribute name (and caches them per packet type).
-        handler._handle_publish_packet = handle_publish_packet
-        handler._handler_cache.pop(3, None)
-        # Its per-packet dispatcher formats a debug message for every packet; route PUBLISH
-        # (packet type 3) straight to our handler and leave everything else to gmqtt.
-        dispatch = handler._handle_packet
-
-        def handle_packet(cmd: int, packet: bytes) -> None:
-            if cmd >> 4 == 3:
-                handle_publish_packet(cmd, packet)
-                handler._last_msg_in = monotonic()
-            else:
-                dispatch(cmd, packet)
-
-        handler._handle_packet = handle_packet
 
     def _on_publish(
         self, topic: str, payload: bytes, qos: int, retained: bool, redelivery: bool = False
