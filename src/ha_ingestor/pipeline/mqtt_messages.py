@@ -13,7 +13,6 @@ these names is stored as ``json.<path>`` so a name never carries two types.
 from __future__ import annotations
 
 import base64
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +20,7 @@ import orjson
 
 from ha_ingestor.pipeline.mqtt_discovery import DiscoveryMap
 from ha_ingestor.pipeline.values import to_value
-from ha_ingestor.sinks.line_protocol import escape_field_key, series_key
+from ha_ingestor.sinks.line_protocol import escape_field_key, escape_string, series_key
 
 MEASUREMENT = "mqtt_message"
 # Names this measurement uses itself, and names InfluxDB refuses or reserves as field keys.
@@ -31,15 +30,6 @@ RESERVED_FIELDS = frozenset(
 )
 _MAX_CACHED_TOPICS = 100_000
 _MAX_CACHED_KEYS = 10_000
-
-
-def _quote(text: str) -> str:
-    """A line-protocol string field value."""
-    if "\\" in text:
-        text = text.replace("\\", "\\\\")
-    if '"' in text:
-        text = text.replace('"', '\\"')
-    return '"' + text + '"'
 
 
 class MqttMessageEncoder:
@@ -62,7 +52,7 @@ class MqttMessageEncoder:
         self._max_fields = max_fields
         self._on_invalid = on_invalid or (lambda _reason, _topic: None)
         self._series: dict[str, str] = {}
-        self._field_keys: dict[str, str] = {}
+        self._assignments: dict[str, str] = {}
 
     def set_instance(self, instance: str) -> None:
         if instance != self._instance:
@@ -105,22 +95,19 @@ class MqttMessageEncoder:
                     f',encoding="base64",qos={qos}i,retained={"true" if retained else "false"}'
                     f",size={size}i{extra} {time_ns}"
                 )
-        fields = "payload=" + _quote(text)
-        stripped = text.lstrip()
-        if stripped[:1] == "{" and not extra:
-            fields += self._json_fields(text, topic)
+        if (text[:1] == "{" or text.lstrip()[:1] == "{") and not extra:
+            promoted = self._json_fields(payload, topic)
         else:
             number = to_value(text) if len(text) < 64 else None
-            if number is not None:
-                fields += f",value={number!r}"
+            promoted = "" if number is None else f",value={number!r}"
         return (
-            f"{self.series_for(topic)} {fields},qos={qos}i,"
+            f"{self.series_for(topic)} payload={escape_string(text)}{promoted},qos={qos}i,"
             f"retained={'true' if retained else 'false'},size={size}i{extra} {time_ns}"
         )
 
-    def _json_fields(self, text: str, topic: str) -> str:
+    def _json_fields(self, payload: bytes, topic: str) -> str:
         try:
-            document = orjson.loads(text)
+            document = orjson.loads(payload)
         except orjson.JSONDecodeError:
             self._on_invalid("invalid_json", topic)
             return ""
@@ -133,14 +120,13 @@ class MqttMessageEncoder:
 
     def _flatten(self, obj: dict[str, Any], prefix: str, out: list[str]) -> bool:
         """Append ``key=float`` for numeric/bool leaves; True when the cap cut some off."""
-        # The per-message hot spot: type() dispatch and cached field keys, no isinstance chains.
-        field_keys = self._field_keys
+        # The per-message hot spot: type() dispatch and cached "key=" prefixes, no isinstance
+        # chains. orjson yields finite floats only (it refuses NaN, Infinity and 1e400).
+        assignments = self._assignments
         max_fields = self._max_fields
         for key, value in obj.items():
             kind = type(value)
             if kind is float:
-                if not math.isfinite(value):
-                    continue
                 text = repr(value)
             elif kind is int:
                 text = f"{value}.0"  # the same float, without a float() round trip
@@ -157,18 +143,16 @@ class MqttMessageEncoder:
             if len(out) >= max_fields:
                 return True
             path = prefix + key
-            field_key = field_keys.get(path)
-            if field_key is None:
-                field_key = self._field_key(path)
-            out.append(field_key + "=" + text)
+            out.append((assignments.get(path) or self._assignment(path)) + text)
         return False
 
-    def _field_key(self, path: str) -> str:
-        if len(self._field_keys) >= _MAX_CACHED_KEYS:
-            self._field_keys.clear()
+    def _assignment(self, path: str) -> str:
+        """``escaped_field_key=`` for a dotted path, cached."""
+        if len(self._assignments) >= _MAX_CACHED_KEYS:
+            self._assignments.clear()
         name = "json." + path if path in RESERVED_FIELDS else path
-        key = self._field_keys[path] = escape_field_key(name)
-        return key
+        assignment = self._assignments[path] = escape_field_key(name) + "="
+        return assignment
 
 
 def _decode_truncated(payload: bytes) -> str | None:

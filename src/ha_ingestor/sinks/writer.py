@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from operator import methodcaller
 
 from ha_ingestor.config import InfluxApi, Settings
 from ha_ingestor.pipeline.buffer import Batch, Buffer
@@ -37,24 +38,24 @@ __all__ = ["MEASUREMENTS", "TARGET", "InfluxWriter", "count_measurements"]
 TARGET = "influxdb"
 #: Measurements counted by name in ``points_written``; anything else counts as "other".
 MEASUREMENTS = ("mqtt_message", "ha_state", "ha_event")
-_PREFIXES = {m + sep: m for m in MEASUREMENTS for sep in ", "}
-_PREFIX_LENGTHS = sorted({len(p) for p in _PREFIXES}, reverse=True)
+# Per measurement, a C-level "does this line start with its name and a separator" test.
+_STARTS_WITH = {m: methodcaller("startswith", (m + ",", m + " ")) for m in MEASUREMENTS}
 _REFUSED = (Outcome.AUTH, Outcome.CONFIG, Outcome.NOT_FOUND)
 
 
 def count_measurements(lines: list[str]) -> dict[str, int]:
     """Lines per measurement (known names, else ``other``), exactly: by each line's prefix."""
     counts: dict[str, int] = {}
-    get = _PREFIXES.get
-    lengths = _PREFIX_LENGTHS
-    for line in lines:
-        name = "other"
-        for length in lengths:
-            found = get(line[:length])
-            if found is not None:
-                name = found
-                break
-        counts[name] = counts.get(name, 0) + 1
+    remaining = len(lines)
+    for name, starts_with in _STARTS_WITH.items():
+        if not remaining:
+            break
+        found = sum(map(starts_with, lines))
+        if found:
+            counts[name] = found
+            remaining -= found
+    if remaining:
+        counts["other"] = remaining
     return counts
 
 
