@@ -43,6 +43,7 @@ def test_lists_tags_and_tls_port() -> None:
         ({**BASE, "HA_INGESTOR_INFLUX_URL": "db:8086"}, "HA_INGESTOR_INFLUX_URL", "http://"),
         ({**BASE, "HA_INGESTOR_TAGS": "novalue"}, "HA_INGESTOR_TAGS", "k=v"),
         ({**BASE, "HA_INGESTOR_INFLUX_API": "v9"}, "HA_INGESTOR_INFLUX_API", "v1"),
+        ({**BASE, "HA_INGESTOR_INFLUX_DATABASE": " "}, "HA_INGESTOR_INFLUX_DATABASE", "empty"),
         ({**BASE, "HA_INGESTOR_MQTT_HOTS": "x"}, "HA_INGESTOR_MQTT_HOTS", "unknown setting"),
         ({"HA_INGESTOR_INFLUX_URL": "http://db"}, "configuration", "no source is enabled"),
     ],
