@@ -1,4 +1,5 @@
 import asyncio
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,36 @@ async def test_corrupt_spool_is_moved_aside_not_a_crash(tmp_path: Path) -> None:
     assert len(moved) == 1
     assert moved[0].read_bytes().startswith(b"this is not a database")
     assert any("spool unreadable" in e.error for e in telemetry.recent_errors)
+
+
+async def test_lines_with_newlines_in_string_fields_replay_intact(tmp_path: Path) -> None:
+    lines = ['m,t=a payload="one\ntwo" 1', "m,t=a v=1 2", 'm payload="\n\u00fcber\n" 3']
+    async with SqliteSpool(tmp_path, _telemetry()) as spool:
+        await asyncio.gather(*(spool.add(line) for line in lines))
+    async with SqliteSpool(tmp_path, _telemetry()) as spool:
+        batch = await spool.next_batch(max_lines=10, max_wait=0)
+        assert batch.replayed
+        assert batch.lines == lines
+
+
+async def test_a_spool_written_before_line_lengths_were_stored_is_replayed(
+    tmp_path: Path,
+) -> None:
+    db = sqlite3.connect(tmp_path / SPOOL_FILE)
+    db.execute(
+        "CREATE TABLE groups (id INTEGER PRIMARY KEY, received_at REAL NOT NULL,"
+        " lines INTEGER NOT NULL, bytes INTEGER NOT NULL, data BLOB NOT NULL)"
+    )
+    db.execute(
+        "INSERT INTO groups (received_at, lines, bytes, data) VALUES (1.0, 2, 16, ?)",
+        (b"m v=1 1\nm v=2 2",),
+    )
+    db.commit()
+    db.close()
+    async with SqliteSpool(tmp_path, _telemetry()) as spool:
+        batch = await spool.next_batch(max_lines=10, max_wait=0)
+        assert batch.lines == ["m v=1 1", "m v=2 2"]
+        spool.add('m payload="a\nb" 3')
+        await spool.flush()
+    async with SqliteSpool(tmp_path, _telemetry()) as spool:
+        assert (await spool.next_batch(max_lines=10, max_wait=0)).lines[-1] == 'm payload="a\nb" 3'

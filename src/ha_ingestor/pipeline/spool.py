@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,8 @@ CREATE TABLE IF NOT EXISTS groups (
     received_at REAL NOT NULL,
     lines INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
-    data BLOB NOT NULL
+    data BLOB NOT NULL,
+    lengths BLOB
 );
 CREATE TABLE IF NOT EXISTS checkpoints (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -166,6 +168,9 @@ class SqliteSpool:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self._synchronous}")
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(groups)")}
+            if "lengths" not in columns:  # a spool written by an earlier version
+                db.execute("ALTER TABLE groups ADD COLUMN lengths BLOB")
             result = db.execute("PRAGMA quick_check").fetchone()
             if result is None or result[0] != "ok":
                 raise sqlite3.DatabaseError(f"integrity check failed: {result}")
@@ -238,11 +243,12 @@ class SqliteSpool:
         self._room.set()
         if pending.lines:
             pending = self._admit(pending)
-        data = "\n".join(pending.lines).encode() if pending.lines else None
+        data, lengths = _pack(pending.lines) if pending.lines else (None, None)
         try:
             group_id = await self._run(
                 self._write,
                 data,
+                lengths,
                 pending.first_at,
                 len(pending.lines),
                 pending.size,
@@ -323,6 +329,7 @@ class SqliteSpool:
     def _write(
         self,
         data: bytes | None,
+        lengths: bytes | None,
         received_at: float,
         count: int,
         size: int,
@@ -336,8 +343,9 @@ class SqliteSpool:
         try:
             if data is not None:
                 cursor = db.execute(
-                    "INSERT INTO groups (received_at, lines, bytes, data) VALUES (?, ?, ?, ?)",
-                    (received_at, count, size, data),
+                    "INSERT INTO groups (received_at, lines, bytes, data, lengths) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (received_at, count, size, data, lengths),
                 )
                 group_id = cursor.lastrowid
             if acked:
@@ -409,8 +417,11 @@ class SqliteSpool:
         db = self._db
         assert db is not None
         placeholders = ",".join("?" * len(ids))
-        rows = db.execute(f"SELECT id, data FROM groups WHERE id IN ({placeholders})", ids)  # noqa: S608
-        return {group_id: bytes(data).decode().split("\n") for group_id, data in rows}
+        rows = db.execute(
+            f"SELECT id, data, lengths FROM groups WHERE id IN ({placeholders})",  # noqa: S608
+            ids,
+        )
+        return {group_id: _unpack(data, lengths) for group_id, data, lengths in rows}
 
     async def ack(self, batch: Batch) -> None:
         for group_id in batch.group_ids:
@@ -440,3 +451,23 @@ class SqliteSpool:
         metrics.spool_lines.set(self._lines)
         metrics.spool_bytes.set(self._bytes)
         metrics.queue_depth.labels("spool_pending").set(len(self._pending.lines))
+
+
+def _pack(lines: list[str]) -> tuple[bytes, bytes | None]:
+    """A group's lines as one blob, newline-separated. A string field may hold a newline of its
+    own; then the lines' lengths (in characters) are stored too, to split them back exactly."""
+    text = "\n".join(lines)
+    if text.count("\n") == len(lines) - 1:
+        return text.encode(), None
+    return text.encode(), array("I", map(len, lines)).tobytes()
+
+
+def _unpack(data: bytes, lengths: bytes | None) -> list[str]:
+    text = bytes(data).decode()
+    if lengths is None:
+        return text.split("\n")
+    lines, start = [], 0
+    for length in array("I", lengths):
+        lines.append(text[start : start + length])
+        start += length + 1
+    return lines
