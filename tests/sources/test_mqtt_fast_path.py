@@ -24,15 +24,15 @@ class FakeClient:
     """The gmqtt attributes the fast path touches, recording what it does."""
 
     def __init__(self, protocol_version: int) -> None:
-        self.acks: list[tuple[str, int]] = []
+        self.writes: list[bytes] = []
         self.others: list[tuple[int, bytes]] = []
         handler = SimpleNamespace(
             _handle_packet=lambda cmd, packet: self.others.append((cmd, packet)),
-            _send_puback=lambda mid: self.acks.append(("puback", mid)),
-            _send_pubrec=lambda mid: self.acks.append(("pubrec", mid)),
             _last_msg_in=0.0,
         )
-        self.protocol = SimpleNamespace(_read_packet=lambda data: -99)
+        self.protocol = SimpleNamespace(
+            _read_packet=lambda data: -99, write_data=self.writes.append
+        )
         connection = SimpleNamespace(
             _protocol=self.protocol,
             _last_data_in=0.0,
@@ -42,6 +42,18 @@ class FakeClient:
         self._package_handler = handler
         self._connection = connection
         self._connection_state = SimpleNamespace(protocol_version=protocol_version)
+
+    @property
+    def acks(self) -> list[tuple[str, int]]:
+        """The PUBACK/PUBREC packets written, in order."""
+        data = b"".join(self.writes)
+        kinds = {0x40: "puback", 0x50: "pubrec"}
+        acks = []
+        for i in range(0, len(data), 4):
+            kind, length, mid = struct.unpack("!BBH", data[i : i + 4])
+            assert length == 2
+            acks.append((kinds[kind], mid))
+        return acks
 
 
 def _v5_publish(topic: str, payload: bytes, qos: int, packet_id: int) -> bytes:
@@ -99,7 +111,7 @@ MESSAGES = [
 
 
 @pytest.mark.parametrize("version", [MQTTv311, MQTTv50])
-def test_packets_split_anywhere_are_all_delivered_once(version: int) -> None:
+async def test_packets_split_anywhere_are_all_delivered_once(version: int) -> None:
     packets = [
         publish_packet(m, packet_id=i + 1)
         if version == MQTTv311
@@ -116,23 +128,39 @@ def test_packets_split_anywhere_are_all_delivered_once(version: int) -> None:
             (m.topic, m.payload, m.qos, m.retain or (version == MQTTv50 and i == 2), False)
             for i, m in enumerate(MESSAGES)
         ]
-        assert client.acks == [("puback", 2), ("puback", 4)]  # QoS 1 without a future: at once
+        await asyncio.sleep(0)
+        # QoS 1 not waiting for a commit: acknowledged right after the packets at hand, together.
+        assert client.acks == [("puback", 2), ("puback", 4)]
+        assert len(client.writes) == 1
         assert client.others == [(0xD0, b"")]
         assert errors == []
 
 
-async def test_qos1_is_acknowledged_only_when_its_future_resolves() -> None:
-    durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    client, received, _ = _install(MQTTv311, durable)
+async def test_acks_wait_for_durability_keep_their_order_and_go_out_per_commit() -> None:
+    loop = asyncio.get_running_loop()
+    first: asyncio.Future[None] = loop.create_future()
+    second: asyncio.Future[None] = loop.create_future()
+    # What the spool answers, message by message: two commits, and one message not stored.
+    answers: list[asyncio.Future[None] | None] = [first, first, None, second]
+    client = FakeClient(MQTTv311)
+    path = PublishFastPath(client, lambda *_: answers.pop(0), lambda exc: None)
+    path.install_reader()
     data = publish_packet(Message("a", b"1", qos=1), packet_id=7)
     data += publish_packet(Message("b", b"2", qos=2), packet_id=8)
+    data += publish_packet(Message("excluded", b"3", qos=1), packet_id=9)
+    data += publish_packet(Message("c", b"4", qos=1), packet_id=10)
     assert client.protocol._read_packet(data) == len(data)
-    assert len(received) == 2
     await asyncio.sleep(0)
-    assert client.acks == []
-    durable.set_result(None)
+    assert client.acks == []  # nothing is durable yet
+    first.set_result(None)
     await asyncio.sleep(0)
-    assert client.acks == [("puback", 7), ("pubrec", 8)]
+    # 9 was not stored, but MQTT wants acknowledgements in order: it goes with the first commit.
+    assert client.acks == [("puback", 7), ("pubrec", 8), ("puback", 9)]
+    assert len(client.writes) == 1
+    second.set_result(None)
+    await asyncio.sleep(0)
+    assert client.acks == [("puback", 7), ("pubrec", 8), ("puback", 9), ("puback", 10)]
+    assert len(client.writes) == 2
 
 
 def test_a_message_that_fails_is_reported_and_the_stream_goes_on() -> None:
@@ -149,9 +177,10 @@ def test_a_malformed_remaining_length_is_refused() -> None:
     assert received == []
 
 
-def test_publish_through_gmqtt_dispatch_before_the_reader_is_installed() -> None:
+async def test_publish_through_gmqtt_dispatch_before_the_reader_is_installed() -> None:
     client, received, _ = _install(MQTTv311)
     packet = publish_packet(Message("early", b"1", qos=1), packet_id=3)
     client._package_handler._handle_packet(packet[0], packet[2:])
     assert received == [("early", b"1", 1, False, False)]
+    await asyncio.sleep(0)
     assert client.acks == [("puback", 3)]

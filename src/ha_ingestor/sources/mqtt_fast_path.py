@@ -8,7 +8,8 @@ those layers cost more than the rest of the pipeline. Here:
 - the protocol's packet splitter is replaced: PUBLISH packets are parsed in place, straight from
   the received bytes, and handed to ``on_publish``; every other packet goes to gmqtt as before;
 - ``on_publish`` runs synchronously and returns the future of the message's durability (or None):
-  the PUBACK/PUBREC is sent from that future's callback — acknowledged after durable, no Task.
+  the PUBACK/PUBREC is sent from that future's callback — acknowledged after durable, no Task,
+  and all acknowledgements of one spool commit in one write.
 
 We never ask for topic aliases, so the broker always sends full topic names.
 """
@@ -16,6 +17,7 @@ We never ask for topic aliases, so the broker always sends full topic names.
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Callable
 from time import monotonic
 from typing import Any
@@ -29,6 +31,9 @@ OnPublish = Callable[[str, bytes, int, bool, bool], "asyncio.Future[None] | None
 OnError = Callable[[Exception], None]
 
 _PUBLISH = 3
+_PUBACK = 0x40
+_PUBREC = 0x50
+_ACK = struct.Struct("!BBH")
 _MAX_LENGTH_SHIFT = 21  # a Remaining Length has at most four bytes
 
 
@@ -41,6 +46,8 @@ class PublishFastPath:
         self._on_error = on_error
         self._handler = client._package_handler
         self._state = client._connection_state  # its protocol_version drops to 3.1.1 on fallback
+        self._ack_future: asyncio.Future[None] | None = None
+        self._ack_queue: list[bytes] | None = None  # the newest acknowledgements not yet sent
 
     def install_handler(self) -> None:
         """Before connecting: route PUBLISH packets that still go through gmqtt's dispatcher
@@ -134,11 +141,30 @@ class PublishFastPath:
         accepted = self._on_publish(
             topic, data[position:end], qos, bool(cmd & 0x01), bool(cmd & 0x08)
         )
-        if not qos:
+        if qos:
+            self._acknowledge(_PUBACK if qos == 1 else _PUBREC, mid, accepted)
+
+    def _acknowledge(self, kind: int, mid: int, durable: asyncio.Future[None] | None) -> None:
+        """Queue the PUBACK/PUBREC of one message. It is sent once ``durable`` (shared by the
+        messages of one spool commit) resolves, or right after the packets at hand when the
+        message is not stored (None) — in the order the messages came, many in one write."""
+        packet = _ACK.pack(kind, 2, mid)  # remaining length 2: success, in 3.1.1 and 5 alike
+        queue = self._ack_queue
+        if queue is not None and (durable is None or durable is self._ack_future):
+            queue.append(packet)
             return
-        handler = self._handler
-        send = handler._send_puback if qos == 1 else handler._send_pubrec
-        if accepted is None:
-            send(mid)
+        self._ack_queue = queue = [packet]
+        self._ack_future = durable
+        if durable is None:
+            asyncio.get_running_loop().call_soon(self._flush_acks, queue)
         else:
-            accepted.add_done_callback(lambda _future: send(mid))
+            durable.add_done_callback(lambda _future: self._flush_acks(queue))
+
+    def _flush_acks(self, queue: list[bytes]) -> None:
+        if queue is self._ack_queue:  # the newest queue: later messages start a new one
+            self._ack_queue = self._ack_future = None
+        self._send(b"".join(queue))
+
+    def _send(self, data: bytes) -> None:
+        # gmqtt's write_data skips (and logs) a closed connection; the broker resends then.
+        self._client._connection._protocol.write_data(data)
