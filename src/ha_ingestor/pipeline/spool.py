@@ -46,10 +46,17 @@ class SpoolError(Exception):
     """The spool cannot be opened or written (disk full, permissions)."""
 
 
+#: A group's lines as stored: one newline-separated UTF-8 blob, and the lines' lengths when a
+#: line itself holds a newline (see ``_pack``).
+_Packed = tuple[bytes, bytes | None]
+
+
 @dataclass(slots=True)
 class _Group:
     group_id: int
-    lines: list[str] | None  # None: only on disk (evicted from memory or from a previous run)
+    # In memory as the stored blob, not as line objects: compact, and freed in one piece.
+    # None: only on disk (evicted from memory or from a previous run).
+    packed: _Packed | None
     received_at: float
     count: int
     size: int
@@ -83,7 +90,7 @@ class SqliteSpool:
         overflow: OverflowPolicy = OverflowPolicy.DROP_OLDEST,
         commit_interval: float = 0.005,
         max_pending_lines: int = 100_000,
-        max_memory_bytes: int = 32 * 1024 * 1024,
+        max_memory_bytes: int = 16 * 1024 * 1024,
         synchronous: str = "FULL",
     ) -> None:
         self._directory = directory
@@ -243,12 +250,11 @@ class SqliteSpool:
         self._room.set()
         if pending.lines:
             pending = self._admit(pending)
-        data, lengths = _pack(pending.lines) if pending.lines else (None, None)
+        packed = _pack(pending.lines) if pending.lines else None
         try:
             group_id = await self._run(
                 self._write,
-                data,
-                lengths,
+                packed,
                 pending.first_at,
                 len(pending.lines),
                 pending.size,
@@ -262,9 +268,7 @@ class SqliteSpool:
                 raise
             raise SpoolError(str(exc)) from exc
         if group_id is not None:
-            group = _Group(
-                group_id, pending.lines, pending.first_at, len(pending.lines), pending.size
-            )
+            group = _Group(group_id, packed, pending.first_at, len(pending.lines), pending.size)
             self._groups.append(group)
             self._lines += group.count
             self._bytes += group.size
@@ -312,7 +316,7 @@ class SqliteSpool:
             dropped_lines += old.count
             self._lines -= old.count
             self._bytes -= old.size
-            if old.lines is not None:
+            if old.packed is not None:
                 self._memory_bytes -= old.size
         if dropped_ids:
             self._acked.extend(dropped_ids)
@@ -328,8 +332,7 @@ class SqliteSpool:
 
     def _write(
         self,
-        data: bytes | None,
-        lengths: bytes | None,
+        packed: _Packed | None,
         received_at: float,
         count: int,
         size: int,
@@ -341,11 +344,11 @@ class SqliteSpool:
         group_id: int | None = None
         db.execute("BEGIN")
         try:
-            if data is not None:
+            if packed is not None:
                 cursor = db.execute(
                     "INSERT INTO groups (received_at, lines, bytes, data, lengths) "
                     "VALUES (?, ?, ?, ?, ?)",
-                    (received_at, count, size, data, lengths),
+                    (received_at, count, size, *packed),
                 )
                 group_id = cursor.lastrowid
             if acked:
@@ -364,7 +367,7 @@ class SqliteSpool:
 
     def _keep_in_memory(self, group: _Group) -> None:
         if self._memory_bytes + group.size > self._max_memory_bytes:
-            group.lines = None  # read back from disk when its turn comes
+            group.packed = None  # read back from disk when its turn comes
         else:
             self._memory_bytes += group.size
 
@@ -398,22 +401,22 @@ class SqliteSpool:
             taken.append(group)
             count += group.count
             self._in_flight[group.group_id] = group
-        missing = [g.group_id for g in taken if g.lines is None]
+        missing = [g.group_id for g in taken if g.packed is None]
         if missing:
-            loaded: dict[int, list[str]] = await self._run(self._read, missing)
+            loaded: dict[int, _Packed] = await self._run(self._read, missing)
             for group in taken:
-                if group.lines is None:
-                    group.lines = loaded.get(group.group_id, [])
+                if group.packed is None:
+                    group.packed = loaded.get(group.group_id, (b"", None))
                     self._memory_bytes += group.size
         lines: list[str] = []
         for group in taken:
-            assert group.lines is not None
-            lines.extend(group.lines)
+            assert group.packed is not None
+            lines += _unpack(*group.packed)
         return Batch(
             [g.group_id for g in taken], lines, taken[0].received_at, replayed=bool(missing)
         )
 
-    def _read(self, ids: list[int]) -> dict[int, list[str]]:
+    def _read(self, ids: list[int]) -> dict[int, _Packed]:
         db = self._db
         assert db is not None
         placeholders = ",".join("?" * len(ids))
@@ -421,7 +424,7 @@ class SqliteSpool:
             f"SELECT id, data, lengths FROM groups WHERE id IN ({placeholders})",  # noqa: S608
             ids,
         )
-        return {group_id: _unpack(data, lengths) for group_id, data, lengths in rows}
+        return {group_id: (bytes(data), lengths) for group_id, data, lengths in rows}
 
     async def ack(self, batch: Batch) -> None:
         for group_id in batch.group_ids:
@@ -453,7 +456,7 @@ class SqliteSpool:
         metrics.queue_depth.labels("spool_pending").set(len(self._pending.lines))
 
 
-def _pack(lines: list[str]) -> tuple[bytes, bytes | None]:
+def _pack(lines: list[str]) -> _Packed:
     """A group's lines as one blob, newline-separated. A string field may hold a newline of its
     own; then the lines' lengths (in characters) are stored too, to split them back exactly."""
     text = "\n".join(lines)
@@ -463,7 +466,9 @@ def _pack(lines: list[str]) -> tuple[bytes, bytes | None]:
 
 
 def _unpack(data: bytes, lengths: bytes | None) -> list[str]:
-    text = bytes(data).decode()
+    if not data:
+        return []
+    text = data.decode()
     if lengths is None:
         return text.split("\n")
     lines, start = [], 0
