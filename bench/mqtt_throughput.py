@@ -19,16 +19,23 @@ import json
 import os
 import random
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.mqtt_publisher import Message, Publisher
-from tests.support.servers import InfluxDB1, Mosquitto, free_port
+from tests.support.servers import InfluxDB1, Mosquitto
+
+from bench.ingestor import (
+    RECEIVED,
+    WRITTEN,
+    cpu_seconds,
+    ingestor_counters,
+    ingestor_process,
+    peak_rss_mb,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,38 +115,6 @@ class IngestorRun:
     mosquitto_cpu_seconds: float
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _get(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return int(response.status)
-    except OSError:
-        return 0
-
-
-_RECEIVED = 'ha_ingestor_events_received_total{source="mqtt"}'
-_WRITTEN = 'ha_ingestor_points_written_total{measurement="mqtt_message"}'
-
-
-def _counters(metrics_url: str) -> dict[str, int]:
-    """The ingestor's counters, from its /metrics (cheap, unlike counting in InfluxDB)."""
-    try:
-        with urllib.request.urlopen(metrics_url, timeout=2) as response:
-            text = response.read().decode()
-    except OSError:
-        return {}
-    counters = {}
-    for line in text.splitlines():
-        name, _, value = line.rpartition(" ")
-        if name in (_RECEIVED, _WRITTEN):
-            counters[name] = int(float(value))
-    return counters
-
-
 def run_ingestor(
     mosquitto: Mosquitto,
     influx: InfluxDB1,
@@ -149,50 +124,18 @@ def run_ingestor(
     workdir: Path,
     stall_timeout: float,
 ) -> IngestorRun:
-    database = f"bench_{prefix}"
-    http_port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("HA_INGESTOR_")},
-        "HA_INGESTOR_MQTT_HOST": mosquitto.host,
-        "HA_INGESTOR_MQTT_PORT": str(mosquitto.port),
-        "HA_INGESTOR_MQTT_TOPICS": f"{prefix}/#",
-        "HA_INGESTOR_MQTT_CLIENT_ID": f"bench-ingestor-{prefix}",
-        "HA_INGESTOR_INFLUX_URL": influx.url,
-        "HA_INGESTOR_INFLUX_DATABASE": database,
-        "HA_INGESTOR_SPOOL_DIR": str(workdir / f"spool-{prefix}"),
-        "HA_INGESTOR_SPOOL_ENABLED": "true" if spool else "false",
-        "HA_INGESTOR_HTTP_HOST": "127.0.0.1",
-        "HA_INGESTOR_HTTP_PORT": str(http_port),
-        "HA_INGESTOR_INSTANCE": "bench",
-        "HA_INGESTOR_LOG_LEVEL": "WARNING",
-        **{
-            k.removeprefix("BENCH_"): v
-            for k, v in os.environ.items()
-            if k.startswith("BENCH_HA_INGESTOR_")
-        },
-    }
-    log = (workdir / f"ingestor-{prefix}.log").open("wb")
-    command = [sys.executable, "-m", "ha_ingestor", "run"]
-    if os.environ.get("BENCH_PROFILE"):  # BENCH_PROFILE=/tmp/profile: cProfile output per run
-        profile = f"{os.environ['BENCH_PROFILE']}.{prefix}.prof"
-        command = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "ha_ingestor", "run"]
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while _get(f"http://127.0.0.1:{http_port}/readyz") != 200:
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError(f"ingestor did not become ready; see {log.name}")
-            time.sleep(0.1)
+    with ingestor_process(mosquitto, influx, prefix, workdir, spool=spool) as running:
+        process, database = running.process, running.database
         start_box: list[float] = []
         assert influx.process is not None
         assert mosquitto.process is not None
-        influxd_cpu = _cpu_seconds(influx.process.pid)
-        mosquitto_cpu = _cpu_seconds(mosquitto.process.pid)
+        influxd_cpu = cpu_seconds(influx.process.pid)
+        mosquitto_cpu = cpu_seconds(mosquitto.process.pid)
         publisher = threading.Thread(
             target=lambda: start_box.append(publish(mosquitto, messages, f"bench-pub-{prefix}"))
         )
         publisher.start()
-        metrics_url = f"http://127.0.0.1:{http_port}/metrics"
+        metrics_url = running.metrics_url
         # Progress comes from the ingestor's counters: points InfluxDB acknowledged (204). Polling
         # InfluxDB with count() instead would cost influxd ~0.1 s of CPU per query at 300k points
         # and so slow down the very thing measured. The total is then checked in InfluxDB itself.
@@ -200,10 +143,10 @@ def run_ingestor(
         received_at = 0.0
         while written < len(messages):
             time.sleep(0.05)
-            counters = _counters(metrics_url)
-            if not received_at and counters.get(_RECEIVED, 0) >= len(messages):
+            counters = ingestor_counters(metrics_url)
+            if not received_at and counters.get(RECEIVED, 0) >= len(messages):
                 received_at = time.perf_counter()
-            written = counters.get(_WRITTEN, 0)
+            written = counters.get(WRITTEN, 0)
             if written != last_written:
                 last_written, last_change = written, time.monotonic()
             elif time.monotonic() - last_change > stall_timeout:
@@ -211,27 +154,19 @@ def run_ingestor(
         finished = time.perf_counter()
         publisher.join()
         stored = influx.count(database, "mqtt_message", "qos")
-        cpu_seconds = _cpu_seconds(process.pid)
-        influxd_cpu = _cpu_seconds(influx.process.pid) - influxd_cpu
-        mosquitto_cpu = _cpu_seconds(mosquitto.process.pid) - mosquitto_cpu
-        peak_kb = 0
-        for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                peak_kb = int(line.split()[1])
+        ingestor_cpu = cpu_seconds(process.pid)
+        influxd_cpu = cpu_seconds(influx.process.pid) - influxd_cpu
+        mosquitto_cpu = cpu_seconds(mosquitto.process.pid) - mosquitto_cpu
         received_seconds = (received_at or finished) - start_box[0]
         return IngestorRun(
             finished - start_box[0],
             received_seconds,
             stored,
-            peak_kb / 1024,
-            cpu_seconds,
+            peak_rss_mb(process.pid),
+            ingestor_cpu,
             influxd_cpu,
             mosquitto_cpu,
         )
-    finally:
-        process.terminate()
-        process.wait(30)
-        log.close()
 
 
 def main() -> None:
