@@ -1,9 +1,15 @@
-"""Run the real service in-process against the test servers, and read what it stored."""
+"""Run the real service against the test servers, in-process or as a child process, and read
+what it stored."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from ha_ingestor.app import Service
 from ha_ingestor.config import load_settings
+from tests.support.mqtt_publisher import Message
 from tests.support.servers import InfluxDB1, Mosquitto
 
 
@@ -106,3 +113,36 @@ def field_types(influx: InfluxDB1, database: str, measurement: str) -> dict[str,
 
 def mqtt_rows(influx: InfluxDB1, database: str) -> list[dict[str, Any]]:
     return influx.rows("SELECT * FROM mqtt_message", database)
+
+
+def numbered(prefix: str, start: int, count: int, qos: int = 1) -> list[Message]:
+    """Messages whose payloads are the numbers ``start`` … ``start + count - 1``."""
+    return [
+        Message(f"{prefix}/n/{i % 50}", str(i).encode(), qos) for i in range(start, start + count)
+    ]
+
+
+# --- the ingestor as a child process ----------------------------------------------------------
+
+
+def start_ingestor(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ha_ingestor", "run"],
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=out,
+        )
+
+
+def wait_ready(port: int, timeout: float = 30, path: str = "/readyz") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError("ingestor not ready")

@@ -8,27 +8,26 @@ import itertools
 import os
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.service import RunningService, run_service, service_env
+from tests.e2e.service import (
+    RunningService,
+    numbered,
+    run_service,
+    service_env,
+    start_ingestor,
+    wait_ready,
+)
 from tests.support.faulty_proxy import FaultyProxy
 from tests.support.mqtt_publisher import Message, Publisher, publish_many
 from tests.support.servers import InfluxDB1, Mosquitto, free_port
 from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-def numbered(prefix: str, start: int, count: int, qos: int = 1) -> list[Message]:
-    return [
-        Message(f"{prefix}/n/{i % 50}", str(i).encode(), qos) for i in range(start, start + count)
-    ]
 
 
 def stored_numbers(influx: InfluxDB1, database: str) -> list[int]:
@@ -239,29 +238,6 @@ def ingestor_process(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
         if process.poll() is None:
             process.kill()
             process.wait(10)
-
-
-def start_ingestor(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "ha_ingestor", "run"],
-            env={**os.environ, **env},
-            stdout=out,
-            stderr=out,
-        )
-
-
-def wait_ready(port: int, timeout: float = 30, path: str = "/readyz") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("ingestor not ready")
 
 
 async def test_sigkill_under_a_qos1_stream_then_restart_recovers_every_message(

@@ -1,21 +1,33 @@
-"""Helpers for the HTTP server tests: settings, a running server, a client, a PNG reader."""
+"""Helpers for the HTTP server tests: settings, a running server, a client, headless Chromium,
+a PNG reader."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import shutil
 import struct
+import subprocess
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from ha_ingestor.config import Settings, load_settings
 from ha_ingestor.pipeline.buffer import Buffer, MemoryBuffer
 from ha_ingestor.telemetry import Telemetry
 from ha_ingestor.web.readiness import Readiness
 from ha_ingestor.web.server import HttpServer
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+needs_chromium = pytest.mark.skipif(
+    not os.access(CHROMIUM, os.X_OK), reason="chromium is installed by scripts/bootstrap"
+)
 
 MQTT_ONLY = {"HA_INGESTOR_MQTT_HOST": "broker", "HA_INGESTOR_INFLUX_URL": "http://db:8086"}
 BOTH_SOURCES = {
@@ -147,3 +159,26 @@ def _unfilter(kind: int, line: bytes, up: bytes, channels: int) -> bytes:
             predictor = left if pa <= pb and pa <= pc else up[i] if pb <= pc else upper_left
             out[i] = (out[i] + predictor) & 0xFF
     return bytes(out)
+
+
+async def chromium(profile: Path, url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        "--window-size=1200,900",
+        "--virtual-time-budget=8000",
+        *args,
+        url,
+    ]
+    return await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, timeout=90, check=False
+    )

@@ -6,20 +6,17 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.service import run_service, service_env
-from tests.e2e.test_faults import numbered, start_ingestor, wait_ready
+from tests.e2e.service import numbered, run_service, service_env, start_ingestor, wait_ready
 from tests.support.mqtt_publisher import Message, publish_many
 from tests.support.servers import InfluxDB1, Mosquitto, free_port
 from tests.support.waiting import wait_for
-from tests.web.support import read_png
+from tests.web.support import chromium, needs_chromium, read_png
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -119,9 +116,7 @@ async def test_logs_are_json_lines_without_secrets(
         assert value not in text
 
 
-@pytest.mark.skipif(
-    shutil.which("chromium") is None, reason="chromium is installed by scripts/bootstrap"
-)
+@needs_chromium
 async def test_status_page_renders_live_data_in_headless_chromium(
     tmp_path: Path, mosquitto: Mosquitto, influxdb: InfluxDB1, influx_db: str, topic_prefix: str
 ) -> None:
@@ -133,33 +128,9 @@ async def test_status_page_renders_live_data_in_headless_chromium(
             )
             await asyncio.sleep(1)
         screenshot = Path(os.environ.get("STATUS_SCREENSHOT", tmp_path / "status.png"))
-        base = [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'chrome'}",
-            "--window-size=1200,900",
-            "--virtual-time-budget=5000",
-        ]
-        dom = await asyncio.to_thread(
-            subprocess.run,
-            [*base, "--dump-dom", service.http_url + "/"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        await asyncio.to_thread(
-            subprocess.run,
-            [*base, f"--screenshot={screenshot}", service.http_url + "/"],
-            capture_output=True,
-            timeout=60,
-        )
+        url = service.http_url + "/"
+        dom = await chromium(tmp_path / "profile-dom", url, "--dump-dom")
+        await chromium(tmp_path / "profile-png", url, f"--screenshot={screenshot}")
     html = dom.stdout
     assert "HA Ingestor" in html
     assert ">mqtt<" in html, "connections are listed"

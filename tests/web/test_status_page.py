@@ -7,8 +7,6 @@ import contextlib
 import math
 import os
 import re
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,17 +14,11 @@ import pytest
 
 from ha_ingestor.telemetry import ConnState, Telemetry
 from tests.support.waiting import wait_for
-from tests.web.support import BOTH_SOURCES, make_settings, read_png, serve
+from tests.web.support import BOTH_SOURCES, chromium, make_settings, needs_chromium, read_png, serve
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 HOSTILE = '<img src=x onerror="document.title=1">'  # error text must be shown, never run
 
-pytestmark = [
-    pytest.mark.timeout(120),
-    pytest.mark.skipif(
-        not os.access(CHROMIUM, os.X_OK), reason="chromium is installed by scripts/bootstrap"
-    ),
-]
+pytestmark = [pytest.mark.timeout(120), needs_chromium]
 
 
 @contextlib.asynccontextmanager
@@ -58,29 +50,6 @@ async def activity(telemetry: Telemetry) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-async def chromium(profile: Path, url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--hide-scrollbars",
-        f"--user-data-dir={profile}",
-        "--window-size=1200,900",
-        "--virtual-time-budget=8000",
-        *args,
-        url,
-    ]
-    return await asyncio.to_thread(
-        subprocess.run, command, capture_output=True, text=True, timeout=90, check=False
-    )
 
 
 async def test_status_page_renders_live_data(tmp_path: Path) -> None:
