@@ -1,10 +1,12 @@
-"""The ingestor as a separate process for the benchmarks, and what they read about processes."""
+"""For the benchmarks: the servers, the ingestor as a separate process, and what they read about
+processes."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -16,6 +18,22 @@ from tests.support.servers import InfluxDB1, Mosquitto, free_port
 
 RECEIVED = 'ha_ingestor_events_received_total{source="mqtt"}'
 WRITTEN = 'ha_ingestor_points_written_total{measurement="mqtt_message"}'
+
+
+@contextmanager
+def bench_servers() -> Iterator[tuple[Path, Mosquitto, InfluxDB1]]:
+    """A temporary directory with Mosquitto and InfluxDB 1.x running in it."""
+    with tempfile.TemporaryDirectory(prefix="ha-ingestor-bench-") as tmp:
+        workdir = Path(tmp)
+        mosquitto = Mosquitto(workdir / "mosquitto")
+        influx = InfluxDB1(workdir / "influxdb")
+        mosquitto.start()
+        influx.start()
+        try:
+            yield workdir, mosquitto, influx
+        finally:
+            mosquitto.stop()
+            influx.stop()
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 from tests.support.mqtt_publisher import Message, Publisher
-from tests.support.servers import InfluxDB1, Mosquitto
+from tests.support.servers import Mosquitto
 
-from bench.ingestor import ingestor_process
+from bench.ingestor import bench_servers, ingestor_process
 
 PREFIX = "lat"
 _POLL = 0.1
@@ -67,46 +65,39 @@ def main() -> None:
     args = parser.parse_args()
     count = int(args.rate * args.seconds)
 
-    with tempfile.TemporaryDirectory(prefix="ha-ingestor-bench-") as tmp:
-        workdir = Path(tmp)
-        mosquitto = Mosquitto(workdir / "mosquitto")
-        influx = InfluxDB1(workdir / "influxdb")
-        mosquitto.start()
-        influx.start()
-        try:
-            with ingestor_process(mosquitto, influx, PREFIX, workdir) as running:
-                published: list[float] = []
-                publisher = threading.Thread(
-                    target=publish_steadily,
-                    args=(mosquitto, count, args.rate, args.qos, published),
-                )
-                publisher.start()
-                seen_at: dict[int, float] = {}
-                oldest_unseen = 0
-                last_new = time.time()
-                while len(seen_at) < count and time.time() - last_new < 15:
-                    time.sleep(_POLL)
-                    # Points are stamped when received (≈ published): look back from the oldest
-                    # message not seen yet, with a margin, to keep each answer small.
-                    while oldest_unseen in seen_at:
-                        oldest_unseen += 1
-                    if oldest_unseen >= len(published):
-                        continue
-                    since_ns = int((published[oldest_unseen] - 1.0) * 1e9)
-                    rows = influx.query(
-                        f'SELECT "seq" FROM "mqtt_message" WHERE time > {since_ns}',
-                        running.database,
-                    )
-                    now = time.time()
-                    for series in rows:
-                        for _, seq in series["values"]:
-                            if seq is not None and int(seq) not in seen_at:
-                                seen_at[int(seq)] = now
-                                last_new = now
-                publisher.join()
-        finally:
-            mosquitto.stop()
-            influx.stop()
+    with (
+        bench_servers() as (workdir, mosquitto, influx),
+        ingestor_process(mosquitto, influx, PREFIX, workdir) as running,
+    ):
+        published: list[float] = []
+        publisher = threading.Thread(
+            target=publish_steadily,
+            args=(mosquitto, count, args.rate, args.qos, published),
+        )
+        publisher.start()
+        seen_at: dict[int, float] = {}
+        oldest_unseen = 0
+        last_new = time.time()
+        while len(seen_at) < count and time.time() - last_new < 15:
+            time.sleep(_POLL)
+            # Points are stamped when received (≈ published): look back from the oldest
+            # message not seen yet, with a margin, to keep each answer small.
+            while oldest_unseen in seen_at:
+                oldest_unseen += 1
+            if oldest_unseen >= len(published):
+                continue
+            since_ns = int((published[oldest_unseen] - 1.0) * 1e9)
+            rows = influx.query(
+                f'SELECT "seq" FROM "mqtt_message" WHERE time > {since_ns}',
+                running.database,
+            )
+            now = time.time()
+            for series in rows:
+                for _, seq in series["values"]:
+                    if seq is not None and int(seq) not in seen_at:
+                        seen_at[int(seq)] = now
+                        last_new = now
+        publisher.join()
 
     latencies = [seen_at[i] - published[i] for i in seen_at]
     print(

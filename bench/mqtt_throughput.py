@@ -19,7 +19,6 @@ import json
 import os
 import random
 import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from tests.support.servers import InfluxDB1, Mosquitto
 from bench.ingestor import (
     RECEIVED,
     WRITTEN,
+    bench_servers,
     cpu_seconds,
     ingestor_counters,
     ingestor_process,
@@ -179,74 +179,59 @@ def main() -> None:
     parser.add_argument("--stall-timeout", type=float, default=20.0)
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="ha-ingestor-bench-") as tmp:
-        workdir = Path(tmp)
-        mosquitto = Mosquitto(workdir / "mosquitto")
-        influx = InfluxDB1(workdir / "influxdb")
-        mosquitto.start()
-        influx.start()
-        try:
-            n = args.messages
+    with bench_servers() as (workdir, mosquitto, influx):
+        n = args.messages
+        print(
+            f"{n} messages, QoS {args.qos}, {os.cpu_count()} CPUs; broker, database and "
+            "ingestor on this machine"
+        )
+        # The baseline is measured before and after the ingestor runs and averaged: on a
+        # noisy machine one measurement of it moves the ratios by ±15 %.
+        sub_rates = [
+            n / baseline_mosquitto_sub(mosquitto, make_messages(n, args.qos, "b0"), args.qos, "b0")
+        ]
+        runs = [("spool on (durable, default)", True, "b1")]
+        if not args.no_spool_baseline:
+            runs.append(("spool off (memory only)", False, "b2"))
+        results = {
+            spool: run_ingestor(
+                mosquitto,
+                influx,
+                make_messages(n, args.qos, prefix),
+                prefix,
+                spool,
+                workdir,
+                args.stall_timeout,
+            )
+            for _, spool, prefix in runs
+        }
+        sub_rates.append(
+            n / baseline_mosquitto_sub(mosquitto, make_messages(n, args.qos, "b3"), args.qos, "b3")
+        )
+        sub_rate = sum(sub_rates) / len(sub_rates)
+        print(
+            f"mosquitto_sub (C) drain:        {sub_rate:10,.0f} msg/s  "
+            f"(mean of {sub_rates[0]:,.0f} before and {sub_rates[1]:,.0f} after)"
+        )
+        rates: dict[bool, float] = {}
+        for label, spool, _ in runs:
+            result = results[spool]
+            rate = rates[spool] = result.stored / result.seconds
             print(
-                f"{n} messages, QoS {args.qos}, {os.cpu_count()} CPUs; broker, database and "
-                "ingestor on this machine"
+                f"ingestor, {label:28s} {rate:10,.0f} msg/s  ({result.seconds:.2f} s)  "
+                f"ratio to mosquitto_sub {rate / sub_rate:.2f}  lost {n - result.stored}  "
+                f"peak RSS {result.peak_rss_mb:.0f} MB  ingestor CPU {result.cpu_seconds:.1f} s"
             )
-            # The baseline is measured before and after the ingestor runs and averaged: on a
-            # noisy machine one measurement of it moves the ratios by ±15 %.
-            sub_rates = [
-                n
-                / baseline_mosquitto_sub(
-                    mosquitto, make_messages(n, args.qos, "b0"), args.qos, "b0"
-                )
-            ]
-            runs = [("spool on (durable, default)", True, "b1")]
-            if not args.no_spool_baseline:
-                runs.append(("spool off (memory only)", False, "b2"))
-            results = {
-                spool: run_ingestor(
-                    mosquitto,
-                    influx,
-                    make_messages(n, args.qos, prefix),
-                    prefix,
-                    spool,
-                    workdir,
-                    args.stall_timeout,
-                )
-                for _, spool, prefix in runs
-            }
-            sub_rates.append(
-                n
-                / baseline_mosquitto_sub(
-                    mosquitto, make_messages(n, args.qos, "b3"), args.qos, "b3"
-                )
-            )
-            sub_rate = sum(sub_rates) / len(sub_rates)
             print(
-                f"mosquitto_sub (C) drain:        {sub_rate:10,.0f} msg/s  "
-                f"(mean of {sub_rates[0]:,.0f} before and {sub_rates[1]:,.0f} after)"
+                f"    all received after {result.received_seconds:.2f} s "
+                f"(±0.1 s), all stored after {result.seconds:.2f} s; "
+                f"CPU meanwhile: influxd {result.influxd_cpu_seconds:.1f} s, "
+                f"mosquitto {result.mosquitto_cpu_seconds:.1f} s"
             )
-            rates: dict[bool, float] = {}
-            for label, spool, _ in runs:
-                result = results[spool]
-                rate = rates[spool] = result.stored / result.seconds
-                print(
-                    f"ingestor, {label:28s} {rate:10,.0f} msg/s  ({result.seconds:.2f} s)  "
-                    f"ratio to mosquitto_sub {rate / sub_rate:.2f}  lost {n - result.stored}  "
-                    f"peak RSS {result.peak_rss_mb:.0f} MB  ingestor CPU {result.cpu_seconds:.1f} s"
-                )
-                print(
-                    f"    all received after {result.received_seconds:.2f} s "
-                    f"(±0.1 s), all stored after {result.seconds:.2f} s; "
-                    f"CPU meanwhile: influxd {result.influxd_cpu_seconds:.1f} s, "
-                    f"mosquitto {result.mosquitto_cpu_seconds:.1f} s"
-                )
-            if len(rates) == 2:
-                print(
-                    f"cost of durability: spool-on rate / spool-off rate = {rates[True] / rates[False]:.2f}"
-                )
-        finally:
-            mosquitto.stop()
-            influx.stop()
+        if len(rates) == 2:
+            print(
+                f"cost of durability: spool-on rate / spool-off rate = {rates[True] / rates[False]:.2f}"
+            )
 
 
 if __name__ == "__main__":
