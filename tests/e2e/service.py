@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from ha_ingestor.app import Service
 from ha_ingestor.config import load_settings
@@ -146,3 +147,16 @@ def wait_ready(port: int, timeout: float = 30, path: str = "/readyz") -> None:
             pass
         time.sleep(0.1)
     raise TimeoutError("ingestor not ready")
+
+
+def mqtt_received(port: int) -> float:
+    """``ha_ingestor_events_received_total{source="mqtt"}`` of a child-process ingestor."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "ha_ingestor_events_received_total" and sample.labels == {
+                "source": "mqtt"
+            }:
+                return float(sample.value)
+    return 0.0

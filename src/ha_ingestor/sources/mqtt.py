@@ -36,6 +36,7 @@ TARGET = "mqtt"
 _CONNECT_TIMEOUT = 10.0
 _NO_RECONNECT = -2  # any value below gmqtt's UNLIMITED_RECONNECTS (-1): never reconnect by itself
 _MAX_CACHED_TOPICS = 100_000
+_ACK_ON_SHUTDOWN_TIMEOUT = 2.0
 
 
 class TopicFilters:
@@ -154,6 +155,7 @@ class MqttSource:
         self._connection_client: Any = None
         self._uncounted = 0
         self._resume_task: asyncio.Task[None] | None = None
+        self._last_accepted: asyncio.Future[None] | None = None
         prefix = settings.mqtt_discovery_prefix
         self._discovery_filters = [f"{prefix}/+/+/config", f"{prefix}/+/+/+/config"]
 
@@ -181,6 +183,9 @@ class MqttSource:
             telemetry.set_state(TARGET, ConnState.CONNECTED)
             try:
                 await self._disconnected.wait()
+            except asyncio.CancelledError:
+                await self._acknowledge_accepted()
+                raise
             finally:
                 await _close(client)
             telemetry.set_state(TARGET, ConnState.RECONNECTING, error="connection lost")
@@ -303,7 +308,7 @@ class MqttSource:
             self._telemetry.dropped("duplicate_redelivery", intentional=True)
             return None
         line = self._encoder.encode(topic, payload, qos, retained, time_ns)
-        accepted = self._buffer.add(line)
+        accepted = self._last_accepted = self._buffer.add(line)
         if self._buffer.full() and not self._paused:
             self._pause_reading()
         return accepted
@@ -319,11 +324,28 @@ class MqttSource:
         self._received.inc(self._uncounted)
         self._uncounted = 0
 
+    async def _acknowledge_accepted(self) -> None:
+        """Shutdown: stop reading and wait until what was accepted is durable, so that its
+        acknowledgements leave before the DISCONNECT; else the broker would send those
+        messages again to the next run, which would store them twice."""
+        transport = self._transport()
+        if transport is not None:
+            transport.pause_reading()
+        last = self._last_accepted
+        if last is not None and not last.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(last), _ACK_ON_SHUTDOWN_TIMEOUT)
+        await asyncio.sleep(0)  # the acknowledgements go out from the future's callbacks
+
+    def _transport(self) -> asyncio.Transport | None:
+        connection = getattr(self._connection_client, "_connection", None)
+        transport: asyncio.Transport | None = getattr(connection, "_transport", None)
+        return transport
+
     def _pause_reading(self) -> None:
         """Back-pressure: stop reading the socket until the buffer has room. The broker then
         holds unacknowledged QoS 1/2 messages (and queues QoS 0 within its limits)."""
-        transport = getattr(self._connection_client, "_connection", None)
-        transport = getattr(transport, "_transport", None)
+        transport = self._transport()
         if transport is None:
             return
         self._paused = True
