@@ -1,22 +1,15 @@
-"""Run the real service against the test servers, in-process or as a child process, and read
-what it stored."""
+"""Run the real service in-process against the test servers, and read what it stored."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
 from ha_ingestor.app import Service
 from ha_ingestor.config import load_settings
@@ -121,42 +114,3 @@ def numbered(prefix: str, start: int, count: int, qos: int = 1) -> list[Message]
     return [
         Message(f"{prefix}/n/{i % 50}", str(i).encode(), qos) for i in range(start, start + count)
     ]
-
-
-# --- the ingestor as a child process ----------------------------------------------------------
-
-
-def start_ingestor(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "ha_ingestor", "run"],
-            env={**os.environ, **env},
-            stdout=out,
-            stderr=out,
-        )
-
-
-def wait_ready(port: int, timeout: float = 30, path: str = "/readyz") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("ingestor not ready")
-
-
-def mqtt_received(port: int) -> float:
-    """``ha_ingestor_events_received_total{source="mqtt"}`` of a child-process ingestor."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "ha_ingestor_events_received_total" and sample.labels == {
-                "source": "mqtt"
-            }:
-                return float(sample.value)
-    return 0.0

@@ -7,25 +7,16 @@ import asyncio
 import itertools
 import os
 import signal
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.service import (
-    RunningService,
-    mqtt_received,
-    numbered,
-    run_service,
-    service_env,
-    start_ingestor,
-    wait_ready,
-)
+from tests.e2e.service import RunningService, numbered, run_service, service_env
 from tests.support.faulty_proxy import FaultyProxy
+from tests.support.ingestor import ingestor_process
 from tests.support.mqtt_publisher import Message, Publisher, publish_many
-from tests.support.servers import InfluxDB1, Mosquitto, free_port
+from tests.support.servers import InfluxDB1, Mosquitto
 from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -262,38 +253,19 @@ async def test_spool_cap_during_an_outage_drops_exactly_what_the_policy_says(
 # --- the ingestor itself, as a process -----------------------------------------------------------
 
 
-@pytest.fixture
-def ingestor_process(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
-    processes: list[subprocess.Popen[bytes]] = []
-    yield processes
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-
-
 async def test_sigkill_under_a_qos1_stream_then_restart_recovers_every_message(
-    tmp_path: Path,
-    mosquitto: Mosquitto,
-    influxdb: InfluxDB1,
-    influx_db: str,
-    topic_prefix: str,
-    ingestor_process: list[subprocess.Popen[bytes]],
+    tmp_path: Path, mosquitto: Mosquitto, influxdb: InfluxDB1, influx_db: str, topic_prefix: str
 ) -> None:
-    port = free_port()
     env = service_env(
         tmp_path,
         influxdb,
         influx_db,
         mosquitto,
         mqtt_topics=f"{topic_prefix}/#",
-        http_port=str(port),
+        mqtt_client_id=f"kill-test-{influx_db}",
         log_level="WARNING",
     )
-    env["HA_INGESTOR_MQTT_CLIENT_ID"] = f"kill-test-{influx_db}"
     log = tmp_path / "ingestor.log"
-    ingestor_process.append(start_ingestor(env, log))
-    await asyncio.to_thread(wait_ready, port)
     total = 30_000
 
     def stream() -> None:
@@ -306,45 +278,37 @@ async def test_sigkill_under_a_qos1_stream_then_restart_recovers_every_message(
                 publisher.publish_many(numbered(topic_prefix, start, 1000))
                 time.sleep(max(0.0, 0.1 - (time.monotonic() - began)))
 
-    publisher = asyncio.create_task(asyncio.to_thread(stream))
-    await asyncio.sleep(1.5)
-    ingestor_process[0].send_signal(signal.SIGKILL)  # mid-stream, no goodbye
-    ingestor_process[0].wait(10)
-    await publisher  # the broker keeps queueing for the persistent session
-    ingestor_process.append(start_ingestor(env, log))
-    numbers = await wait_for_numbers(influxdb, influx_db, total, timeout=120)
+    with ingestor_process(env, log) as ingestor:
+        await ingestor.wait_ready()
+        publisher = asyncio.create_task(asyncio.to_thread(stream))
+        await asyncio.sleep(1.5)
+        await ingestor.stop(signal.SIGKILL, 10)  # mid-stream, no goodbye
+        await publisher  # the broker keeps queueing for the persistent session
+        ingestor.start()
+        numbers = await wait_for_numbers(influxdb, influx_db, total, timeout=120)
     assert numbers == list(range(total)), log.read_text()[-2000:]
 
 
 async def test_sigterm_exits_zero_within_the_deadline_with_nothing_left_in_memory(
-    tmp_path: Path,
-    mosquitto: Mosquitto,
-    influxdb: InfluxDB1,
-    influx_db: str,
-    topic_prefix: str,
-    ingestor_process: list[subprocess.Popen[bytes]],
+    tmp_path: Path, mosquitto: Mosquitto, influxdb: InfluxDB1, influx_db: str, topic_prefix: str
 ) -> None:
-    port = free_port()
     env = service_env(
         tmp_path,
         influxdb,
         influx_db,
         mosquitto,
         mqtt_topics=f"{topic_prefix}/#",
-        http_port=str(port),
         shutdown_timeout="10",
     )
     log = tmp_path / "ingestor.log"
-    process = start_ingestor(env, log)
-    ingestor_process.append(process)
-    await asyncio.to_thread(wait_ready, port)
-    await publish_many(mosquitto.host, mosquitto.port, numbered(topic_prefix, 0, 5000))
-    # The broker has them all; the ingestor may still be receiving: it must have them first.
-    await wait_for(lambda: mqtt_received(port) >= 5000, timeout=30)
-    began = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    assert await asyncio.to_thread(process.wait, 15) == 0
-    assert time.monotonic() - began < 10
+    with ingestor_process(env, log) as ingestor:
+        await ingestor.wait_ready()
+        await publish_many(mosquitto.host, mosquitto.port, numbered(topic_prefix, 0, 5000))
+        # The broker has them all; the ingestor may still be receiving: it must have them first.
+        await wait_for(lambda: ingestor.mqtt_received() >= 5000, timeout=30)
+        began = time.monotonic()
+        assert await ingestor.stop(signal.SIGTERM, 15) == 0
+        assert time.monotonic() - began < 10
     assert stored_numbers(influxdb, influx_db) == list(range(5000))
     assert '"unwritten_lines": 0' in log.read_text() or "unwritten_lines=0" in log.read_text()
 

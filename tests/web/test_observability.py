@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.service import numbered, run_service, service_env, start_ingestor, wait_ready
+from tests.e2e.service import numbered, run_service, service_env
+from tests.support.ingestor import ingestor_process
 from tests.support.mqtt_publisher import Message, publish_many
 from tests.support.servers import InfluxDB1, Mosquitto, free_port
 from tests.support.waiting import wait_for
@@ -83,14 +84,12 @@ async def test_logs_are_json_lines_without_secrets(
         "influx_token": "influx-s3cret-token",
         "ha_token": "ha-s3cret-token",
     }
-    port = free_port()
     env = service_env(
         tmp_path,
         influxdb,
         influx_db,
         mosquitto,
         mqtt_topics=f"{topic_prefix}/#",
-        http_port=str(port),
         mqtt_username="someone",
         log_level="DEBUG",
         # an unreachable Home Assistant: its connection errors get logged too
@@ -98,14 +97,11 @@ async def test_logs_are_json_lines_without_secrets(
         **secrets,
     )
     log = tmp_path / "ingestor.log"
-    process = start_ingestor(env, log)
-    try:
-        await asyncio.to_thread(wait_ready, port, 20, "/healthz")  # never ready: HA is unreachable
+    with ingestor_process(env, log) as ingestor:
+        await ingestor.wait_ready(20, "/healthz")  # never ready: HA is unreachable
         await publish_many(mosquitto.host, mosquitto.port, [Message(f"{topic_prefix}/x", b"1")])
         await asyncio.sleep(3)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(process.wait, 20) == 0
+        assert await ingestor.stop(signal.SIGTERM, 20) == 0
     lines = log.read_text().splitlines()
     assert len(lines) > 5
     events = [json.loads(line) for line in lines]  # every line is one JSON object
