@@ -9,41 +9,33 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.servers import InfluxDB1, Mosquitto
+from tests.support.servers import InfluxDB1, Mosquitto, started
 
 _counter = itertools.count()
 
 
 @pytest.fixture(scope="session")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    server = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
-    server.start()
-    yield server
-    server.stop()
+    with started(Mosquitto(tmp_path_factory.mktemp("mosquitto"))) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
 def influxdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxDB1]:
-    server = InfluxDB1(tmp_path_factory.mktemp("influxdb"))
-    server.start()
-    yield server
-    server.stop()
+    with started(InfluxDB1(tmp_path_factory.mktemp("influxdb"))) as server:
+        yield server
 
 
 @pytest.fixture
 def fresh_mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
-    server = Mosquitto(tmp_path / "mosquitto")
-    server.start()
-    yield server
-    server.stop()
+    with started(Mosquitto(tmp_path / "mosquitto")) as server:
+        yield server
 
 
 @pytest.fixture
 def fresh_influxdb(tmp_path: Path) -> Iterator[InfluxDB1]:
-    server = InfluxDB1(tmp_path / "influxdb")
-    server.start()
-    yield server
-    server.stop()
+    with started(InfluxDB1(tmp_path / "influxdb")) as server:
+        yield server
 
 
 @pytest.fixture

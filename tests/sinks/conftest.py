@@ -25,7 +25,7 @@ from ha_ingestor.pipeline.buffer import MemoryBuffer
 from ha_ingestor.sinks.influxdb import InfluxClient
 from ha_ingestor.sinks.writer import InfluxWriter
 from ha_ingestor.telemetry import Telemetry
-from tests.support.servers import HOST, InfluxDB1
+from tests.support.servers import HOST, InfluxDB1, started
 from tests.support.waiting import wait_for
 
 # --- a proxy that records every request and answers scripted faults ---------------------------
@@ -187,10 +187,8 @@ class AuthInfluxDB1(InfluxDB1):
 
 @pytest.fixture(scope="session")
 def influxdb_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthInfluxDB1]:
-    server = AuthInfluxDB1(tmp_path_factory.mktemp("influxdb-auth"))
-    server.start()
-    yield server
-    server.stop()
+    with started(AuthInfluxDB1(tmp_path_factory.mktemp("influxdb-auth"))) as server:
+        yield server
 
 
 # --- telemetry that records what was logged --------------------------------------------------

@@ -13,8 +13,9 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 HOST = "127.0.0.1"
 
@@ -92,6 +93,19 @@ class ServerProcess:
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+
+ServerT = TypeVar("ServerT", bound=ServerProcess)
+
+
+@contextlib.contextmanager
+def started(server: ServerT) -> Iterator[ServerT]:
+    """``server`` started, and stopped when the block ends."""
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 class Mosquitto(ServerProcess):
