@@ -213,6 +213,15 @@ def burst_of_state_changes(ha: HomeAssistant, prefix: str, clients: int, per_cli
     return clients * per_client / (time.monotonic() - began)
 
 
+def switch_and_script(ha: HomeAssistant, times: int) -> None:
+    """``times`` over: turn ``input_boolean.test_switch`` on (its automation triggers) and off,
+    and run ``script.bump_level``."""
+    for _ in range(times):
+        ha.call_service("input_boolean", "turn_on", entity_id="input_boolean.test_switch")
+        ha.call_service("input_boolean", "turn_off", entity_id="input_boolean.test_switch")
+        ha.call_service("script", "bump_level")
+
+
 async def wait_for_agreement(
     ha: HomeAssistant,
     run: SourceRun,

@@ -7,12 +7,12 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.service import RunningService, run_service, service_env
+from tests.homeassistant.harness import burst_of_state_changes, switch_and_script
 from tests.support.homeassistant import HomeAssistant
 from tests.support.servers import InfluxDB1
 from tests.support.waiting import wait_for
@@ -69,6 +69,16 @@ async def wait_for_coverage(
     return recorded, stored
 
 
+@contextlib.asynccontextmanager
+async def connected_service(
+    env: dict[str, str], influxdb: InfluxDB1, influx_db: str
+) -> AsyncIterator[RunningService]:
+    """The service, once its Home Assistant source is connected."""
+    async with run_service(env, influxdb, influx_db) as service:
+        await wait_for(lambda: service.service.telemetry.is_connected("homeassistant"), timeout=30)
+        yield service
+
+
 @pytest.fixture
 async def ha_service(
     tmp_path: Path, home_assistant: HomeAssistant, influxdb: InfluxDB1, influx_db: str
@@ -77,25 +87,8 @@ async def ha_service(
         tmp_path, influxdb, influx_db, ha_url=home_assistant.url, ha_token=home_assistant.token
     )
     del env["HA_INGESTOR_INSTANCE"]  # the instance tag comes from Home Assistant's location name
-    async with run_service(env, influxdb, influx_db) as service:
-        await wait_for(lambda: service.service.telemetry.is_connected("homeassistant"), timeout=30)
+    async with connected_service(env, influxdb, influx_db) as service:
         yield service
-
-
-def burst_of_state_changes(ha: HomeAssistant, prefix: str, clients: int, per_client: int) -> int:
-    """Set states from ``clients`` concurrent REST clients, as fast as Home Assistant takes them."""
-
-    def worker(client: int) -> None:
-        for i in range(per_client):
-            ha.set_state(
-                f"sensor.{prefix}_{client}",
-                str(i * 1.5),
-                {"unit_of_measurement": "°C", "device_class": "temperature", "sequence": i},
-            )
-
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(worker, range(clients)))
-    return clients * per_client
 
 
 async def test_every_state_change_and_event_is_stored_and_matches_the_recorder(
@@ -104,15 +97,10 @@ async def test_every_state_change_and_event_is_stored_and_matches_the_recorder(
     service = ha_service
     ha = home_assistant
     since = time.time()
-    changes = await asyncio.to_thread(burst_of_state_changes, ha, "burst", 8, 60)
-    for _ in range(5):
-        await asyncio.to_thread(
-            ha.call_service, "input_boolean", "turn_on", entity_id="input_boolean.test_switch"
-        )
-        await asyncio.to_thread(
-            ha.call_service, "input_boolean", "turn_off", entity_id="input_boolean.test_switch"
-        )
-        await asyncio.to_thread(ha.call_service, "script", "bump_level")
+    clients, per_client = 8, 60
+    await asyncio.to_thread(burst_of_state_changes, ha, "burst", clients, per_client)
+    changes = clients * per_client
+    await asyncio.to_thread(switch_and_script, ha, 5)
     await asyncio.to_thread(ha.set_state, "sensor.burst_gone", "unavailable")
     await asyncio.to_thread(ha.api, "DELETE", "/api/states/sensor.burst_gone")
 
@@ -177,8 +165,7 @@ async def test_a_restart_of_home_assistant_is_backfilled_without_duplicates(
     ha = fresh_home_assistant
     env = service_env(tmp_path, influxdb, influx_db, ha_url=ha.url, ha_token=ha.token)
     since = time.time()
-    async with run_service(env, influxdb, influx_db) as service:
-        await wait_for(lambda: service.service.telemetry.is_connected("homeassistant"), timeout=30)
+    async with connected_service(env, influxdb, influx_db) as service:
         await asyncio.to_thread(burst_of_state_changes, ha, "before", 2, 20)
         await asyncio.to_thread(ha.stop)
         await wait_for(
@@ -232,8 +219,7 @@ async def test_an_ingestor_restart_backfills_from_the_persisted_checkpoint(
     ha = home_assistant
     env = service_env(tmp_path, influxdb, influx_db, ha_url=ha.url, ha_token=ha.token)
     since = time.time()
-    async with run_service(env, influxdb, influx_db) as service:
-        await wait_for(lambda: service.service.telemetry.is_connected("homeassistant"), timeout=30)
+    async with connected_service(env, influxdb, influx_db) as service:
         await asyncio.to_thread(burst_of_state_changes, ha, "running", 2, 20)
         await wait_for(
             lambda: len(stored_states(service, since, "sensor.running_")) == 40, timeout=30
@@ -241,8 +227,8 @@ async def test_an_ingestor_restart_backfills_from_the_persisted_checkpoint(
         await asyncio.sleep(1.5)  # the checkpoint is saved once a second
     # The ingestor is stopped: these changes happen while nobody listens.
     await asyncio.to_thread(burst_of_state_changes, ha, "stopped", 2, 20)
-    async with run_service(env, influxdb, influx_db) as service:  # same spool, same checkpoint
-        await wait_for(lambda: service.service.telemetry.is_connected("homeassistant"), timeout=30)
+    # Same spool, same checkpoint.
+    async with connected_service(env, influxdb, influx_db) as service:
         recorded, stored = await wait_for_coverage(
             service, ha, since, {"sensor.running_": 40, "sensor.stopped_": 40}
         )

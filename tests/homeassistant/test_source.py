@@ -20,6 +20,7 @@ from tests.homeassistant.harness import (
     SourceRun,
     burst_of_state_changes,
     running_source,
+    switch_and_script,
     wait_for_agreement,
 )
 from tests.homeassistant.tcp_proxy import TcpProxy
@@ -48,14 +49,7 @@ async def test_every_state_change_and_event_matches_the_recorder(
         since = time.time()
         clients, per_client = 8, 150
         rate = await asyncio.to_thread(burst_of_state_changes, ha, "src_burst", clients, per_client)
-        for _ in range(5):
-            await asyncio.to_thread(
-                ha.call_service, "input_boolean", "turn_on", entity_id="input_boolean.test_switch"
-            )
-            await asyncio.to_thread(
-                ha.call_service, "input_boolean", "turn_off", entity_id="input_boolean.test_switch"
-            )
-            await asyncio.to_thread(ha.call_service, "script", "bump_level")
+        await asyncio.to_thread(switch_and_script, ha, 5)
         await asyncio.to_thread(
             ha.call_service,
             "input_boolean",
