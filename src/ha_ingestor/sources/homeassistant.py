@@ -1,17 +1,16 @@
 """The Home Assistant source: every event on the bus, through the WebSocket API.
 
-One connection at a time: authenticate, switch on ``coalesce_messages``, read ``get_config``
-(the ``instance`` tag) and the entity/device/area registries, subscribe to events, then
-back-fill the gap since the last stored event from the recorder's history
-(:mod:`ha_ingestor.pipeline.ha_backfill`).
+The protocol — connect, authenticate, commands, the event stream, the ping — is
+:class:`~ha_ingestor.sources.ha_client.HomeAssistantClient`; this module is the ingest loop
+around it. Per connection: read ``get_config`` (the ``instance`` tag) and the entity/device/area
+registries, subscribe to events, then back-fill the gap since the last stored event from the
+recorder's history (:mod:`ha_ingestor.pipeline.ha_backfill`).
 
-Three tasks, so that Home Assistant never sees a slow consumer:
-- the *reader* only reads a frame, decodes it and appends its events to an unbounded deque
-  (its depth is ``ha_ingestor_queue_depth{queue="homeassistant"}``); it never waits on
-  processing, disk or InfluxDB;
-- the *processor* maps events to points, encodes and buffers them, and waits when the buffer
-  is full — only it feels back-pressure;
-- an application *ping* with a timeout detects a dead connection.
+So that Home Assistant never sees a slow consumer, the client's reader only decodes a frame and
+hands its events to :meth:`HomeAssistantSource._on_events`, which appends them to an unbounded
+deque (its depth is ``ha_ingestor_queue_depth{queue="homeassistant"}``); the *processor* task
+maps events to points, encodes and buffers them, and waits when the buffer is full — only it
+feels back-pressure.
 
 Errors:
 - transport errors (refused, closed, no pong, malformed frame) → ``RECONNECTING``, capped
@@ -37,7 +36,6 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-import orjson
 
 from ha_ingestor.config import Settings
 from ha_ingestor.pipeline.buffer import Buffer, Checkpoints
@@ -45,6 +43,13 @@ from ha_ingestor.pipeline.ha_backfill import HistoryBackfill, LiveProbe
 from ha_ingestor.pipeline.ha_events import EntityFilter, Mapper, format_time_ns, parse_time_ns
 from ha_ingestor.sinks.line_protocol import encode_point
 from ha_ingestor.sources.backoff import Backoff
+from ha_ingestor.sources.ha_client import (
+    AuthInvalidError,
+    CommandError,
+    Events,
+    HomeAssistantClient,
+    describe,
+)
 from ha_ingestor.sources.ha_registry import REGISTRY_EVENTS, Registries
 from ha_ingestor.telemetry import ConnState, Telemetry
 
@@ -56,21 +61,8 @@ _REGISTRY_DEBOUNCE = 0.5  # registry events come in bursts: re-fetch once per bu
 _MAX_KNOWN_ENTITIES = 100_000
 
 
-class AuthInvalidError(Exception):
-    """Home Assistant refused the token. Retrying would only risk an IP ban."""
-
-
 class NotAllowedError(Exception):
     """The token may not do what the source needs (a non-admin user's token)."""
-
-
-class CommandError(Exception):
-    """Home Assistant answered a command with ``success: false``."""
-
-    def __init__(self, command: str, code: str, message: str) -> None:
-        super().__init__(f"{command}: {code}: {message}")
-        self.command = command
-        self.code = code
 
 
 class HomeAssistantSource:
@@ -91,7 +83,6 @@ class HomeAssistantSource:
         self._session = session
         self._checkpoints = checkpoints
         self._on_instance = on_instance
-        self._url = settings.ha_url.replace("http", "ws", 1) + "/api/websocket"
         self._registries = Registries()
         self._mapper = Mapper(
             instance=settings.instance or socket.gethostname(),
@@ -118,10 +109,8 @@ class HomeAssistantSource:
         self._events_ready = asyncio.Event()
         self._last_received: str | None = None  # time_fired of the newest event read
         self._probe: LiveProbe | None = None  # while a gap waits for its back-fill
-        # commands of the current connection
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._next_id = 1
+        # the current connection
+        self._client: HomeAssistantClient | None = None
         self._connection_tasks: set[asyncio.Task[None]] = set()
         self._dirty_registries: set[str] = set()
         self._registries_dirty = asyncio.Event()
@@ -165,7 +154,7 @@ class HomeAssistantSource:
                         ValueError,  # a malformed frame
                         CommandError,
                     ) as exc:
-                        telemetry.set_state(TARGET, ConnState.RECONNECTING, error=_describe(exc))
+                        telemetry.set_state(TARGET, ConnState.RECONNECTING, error=describe(exc))
                     if loop.time() - began >= _STABLE_AFTER:
                         backoff.reset()
                     await asyncio.sleep(backoff.next_delay())
@@ -181,8 +170,6 @@ class HomeAssistantSource:
 
     def _ssl(self) -> ssl.SSLContext | bool:
         settings = self._settings
-        if not self._url.startswith("wss://"):
-            return True
         context = ssl.create_default_context(
             cafile=str(settings.ha_ca_file) if settings.ha_ca_file else None
         )
@@ -194,27 +181,33 @@ class HomeAssistantSource:
     async def _connection(self) -> None:
         """One connection, from connect to close. Returns never: raises why it ended."""
         self.connection_attempts += 1
-        async with asyncio.timeout(_CALL_TIMEOUT):
-            ws = await self._session.ws_connect(
-                self._url, max_msg_size=0, ssl=self._ssl(), autoping=True, heartbeat=None
-            )
+        settings = self._settings
+        assert settings.ha_url is not None
+        assert settings.ha_token is not None
+        client = HomeAssistantClient(
+            settings.ha_url,
+            settings.ha_token.get_secret_value(),
+            self._session,
+            ssl_context=self._ssl() if settings.ha_url.startswith("https://") else True,
+            call_timeout=_CALL_TIMEOUT,
+            ping_interval=settings.ha_ping_interval,
+            ping_timeout=settings.ha_ping_timeout,
+            on_events=self._on_events,
+        )
         try:
-            await self._authenticate(ws)
-            self._ws = ws
-            self._next_id = 1
-            reader = asyncio.create_task(self._read_loop(ws), name="homeassistant-reader")
-            self._connection_tasks.add(reader)
-            await self._start_session()
-            self._telemetry.set_state(TARGET, ConnState.CONNECTED)
-            pinger = asyncio.create_task(self._ping_loop(), name="homeassistant-ping")
-            self._connection_tasks.add(pinger)
-            await asyncio.wait({reader, pinger}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (reader, pinger):
-                if task.done():
-                    task.result()  # raises why the connection ended, if it failed
-            raise ConnectionError("connection closed by Home Assistant")
+            async with client:
+                self._client = client
+                await self._start_session()
+                self._telemetry.set_state(TARGET, ConnState.CONNECTED)
+                await client.closed()
+        except AuthInvalidError as exc:
+            raise AuthInvalidError(
+                f"Home Assistant rejected HA_INGESTOR_HA_TOKEN (auth_invalid: {exc}); not "
+                "retrying, since repeated failed logins get this host banned. Create a new "
+                "long-lived access token (Home Assistant profile page → Security) and restart."
+            ) from None
         finally:
-            self._ws = None
+            self._client = None
             tasks = list(self._connection_tasks)
             self._connection_tasks.clear()
             for task in tasks:
@@ -222,34 +215,9 @@ class HomeAssistantSource:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            self._fail_pending(ConnectionError("connection closed"))
             self._probe = None
-            await ws.close()
-
-    async def _authenticate(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        token = self._settings.ha_token
-        assert token is not None
-        async with asyncio.timeout(_CALL_TIMEOUT):
-            hello = await ws.receive_json(loads=orjson.loads)
-            if hello.get("type") != "auth_required":
-                raise ConnectionError(f"unexpected greeting: {hello.get('type')!r}")
-            # Home Assistant reads text frames only.
-            await ws.send_str(
-                orjson.dumps({"type": "auth", "access_token": token.get_secret_value()}).decode()
-            )
-            answer = await ws.receive_json(loads=orjson.loads)
-        if answer.get("type") == "auth_invalid":
-            reason = answer.get("message") or "invalid token"
-            raise AuthInvalidError(
-                f"Home Assistant rejected HA_INGESTOR_HA_TOKEN (auth_invalid: {reason}); not "
-                "retrying, since repeated failed logins get this host banned. Create a new "
-                "long-lived access token (Home Assistant profile page → Security) and restart."
-            )
-        if answer.get("type") != "auth_ok":
-            raise ConnectionError(f"unexpected answer to auth: {answer.get('type')!r}")
 
     async def _start_session(self) -> None:
-        await self._call("supported_features", features={"coalesce_messages": 1})
         config = await self._call("get_config")
         if not self._settings.instance and isinstance(config, dict) and config.get("location_name"):
             instance = str(config["location_name"])
@@ -299,36 +267,18 @@ class HomeAssistantSource:
             raise
 
     # --- framing -----------------------------------------------------------------------------------
-    async def _read_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        """Read, decode, hand off. Never waits on anything but the socket."""
-        events = self._events
-        pending = self._pending
-        received = self._received
-        async for message in ws:
-            if message.type is not aiohttp.WSMsgType.TEXT:
-                if message.type is aiohttp.WSMsgType.BINARY:
-                    continue
-                break  # ERROR / CLOSE
-            decoded = orjson.loads(message.data)
-            for frame in decoded if isinstance(decoded, list) else (decoded,):
-                kind = frame.get("type")
-                if kind == "event":
-                    event = frame["event"]
-                    events.append(event)
-                    self._last_received = event.get("time_fired")
-                    probe = self._probe
-                    if probe is not None and event.get("event_type") == "state_changed":
-                        self._probe_saw(probe, event)
-                    received.inc()
-                else:
-                    future = pending.pop(frame.get("id", -1), None)
-                    if future is not None and not future.done():
-                        future.set_result(frame)
-            self._queue_depth.set(len(events))
-            self._events_ready.set()
-        exc = ws.exception()
-        if exc is not None:
-            raise ConnectionError(f"WebSocket error: {_describe(exc)}")
+    def _on_events(self, batch: Events) -> None:
+        """Called by the client's reader with the events of one frame: hand off, nothing else."""
+        self._events.extend(batch)
+        self._received.inc(len(batch))
+        self._last_received = batch[-1].get("time_fired")
+        probe = self._probe
+        if probe is not None:
+            for event in batch:
+                if event.get("event_type") == "state_changed":
+                    self._probe_saw(probe, event)
+        self._queue_depth.set(len(self._events))
+        self._events_ready.set()
 
     @staticmethod
     def _probe_saw(probe: LiveProbe, event: dict[str, Any]) -> None:
@@ -340,42 +290,11 @@ class HomeAssistantSource:
                 probe.saw(entity_id, time_fired)
 
     async def _call(self, command: str, **payload: Any) -> Any:
-        """Send one command and return its result; CommandError if it failed."""
-        ws = self._ws
-        if ws is None:
+        """One command on the current connection."""
+        client = self._client
+        if client is None:
             raise ConnectionError("not connected")
-        message_id = self._next_id
-        self._next_id += 1
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[message_id] = future
-        try:
-            await ws.send_str(orjson.dumps({"id": message_id, "type": command, **payload}).decode())
-            frame = await asyncio.wait_for(future, _CALL_TIMEOUT)
-        finally:
-            self._pending.pop(message_id, None)
-        if frame.get("type") == "pong":
-            return None
-        if not frame.get("success", False):
-            error = frame.get("error") or {}
-            raise CommandError(command, str(error.get("code", "")), str(error.get("message", "")))
-        return frame.get("result")
-
-    def _fail_pending(self, exc: Exception) -> None:
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(exc)
-        self._pending.clear()
-
-    async def _ping_loop(self) -> None:
-        settings = self._settings
-        while True:
-            await asyncio.sleep(settings.ha_ping_interval)
-            try:
-                await asyncio.wait_for(self._call("ping"), settings.ha_ping_timeout)
-            except TimeoutError:
-                raise ConnectionError(
-                    f"no pong within {settings.ha_ping_timeout:g} s: connection presumed dead"
-                ) from None
+        return await client.call(command, **payload)
 
     def _spawn(self, coroutine: Any, name: str) -> None:
         """A task that lives as long as the current connection."""
@@ -413,14 +332,14 @@ class HomeAssistantSource:
                     self._known_entities.add(entity_id)
             point = self._mapper.map_event(event)
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
-            telemetry.invalid(TARGET, "malformed_event", error=_describe(exc))
+            telemetry.invalid(TARGET, "malformed_event", error=describe(exc))
             telemetry.dropped("malformed_event", intentional=False)
             telemetry.warn_throttled(
                 "homeassistant-malformed",
                 60,
                 "event not stored",
                 event_type=str(event_type),
-                error=_describe(exc),
+                error=describe(exc),
             )
             return
         if point is None:
@@ -509,7 +428,7 @@ class HomeAssistantSource:
                 self._release_hold(start_ns)
             return
         except (ConnectionError, TimeoutError) as exc:
-            telemetry.error(TARGET, "backfill failed", error=_describe(exc))
+            telemetry.error(TARGET, "backfill failed", error=describe(exc))
             return
         self._release_hold(start_ns)
 
@@ -517,8 +436,3 @@ class HomeAssistantSource:
         if self._hold_ns == start_ns:
             self._hold_ns = None
         self._probe = None
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
