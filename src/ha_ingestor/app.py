@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import signal
 import socket
-import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +24,7 @@ from ha_ingestor.sinks.influxdb import InfluxClient
 from ha_ingestor.sinks.writer import InfluxWriter
 from ha_ingestor.sources.mqtt import MqttSource
 from ha_ingestor.telemetry import ConnState, Telemetry
+from ha_ingestor.tls import influx_tls_context
 from ha_ingestor.web.readiness import Readiness
 from ha_ingestor.web.server import HttpServer
 
@@ -49,16 +49,6 @@ async def open_buffer(
     )
     async with spool:
         yield spool, spool
-
-
-def _ssl_for(url: str, ca_file: Any, insecure: bool) -> ssl.SSLContext | bool:
-    if not url.startswith("https://"):
-        return True
-    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-    if insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 class Service:
@@ -90,9 +80,7 @@ class Service:
             spool=settings.spool_enabled,
         )
         connector = aiohttp.TCPConnector(
-            ssl=_ssl_for(
-                settings.influx_url, settings.influx_ca_file, settings.influx_tls_insecure
-            ),
+            ssl=influx_tls_context(settings),
             limit=settings.influx_concurrency + 4,
         )
         async with (

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ha_ingestor.line_protocol import encode_point
 from ha_ingestor.pipeline.ha_backfill import history_points
 from ha_ingestor.pipeline.ha_events import (
     EntityFilter,
@@ -22,7 +23,6 @@ from ha_ingestor.pipeline.ha_events import (
     parse_time_ns,
 )
 from ha_ingestor.record import Point
-from ha_ingestor.sinks.line_protocol import encode_point
 
 T0 = "2024-03-15T10:20:30.123456+00:00"
 T0_NS = calendar.timegm((2024, 3, 15, 10, 20, 30)) * 1_000_000_000 + 123_456_000

@@ -22,8 +22,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from ha_ingestor.checks import CheckError
 from ha_ingestor.config import InfluxApi, Settings
+from ha_ingestor.errors import CheckError
 from ha_ingestor.sinks.influxdb import (
     InfluxClient,
     InfluxUnavailableError,

@@ -18,9 +18,9 @@ from typing import Any
 
 import orjson
 
+from ha_ingestor.line_protocol import escape_field_key, escape_string, series_key
 from ha_ingestor.pipeline.mqtt_discovery import DiscoveryMap
 from ha_ingestor.pipeline.values import to_value
-from ha_ingestor.sinks.line_protocol import escape_field_key, escape_string, series_key
 
 MEASUREMENT = "mqtt_message"
 # Names this measurement uses itself, and names InfluxDB refuses or reserves as field keys.

@@ -40,6 +40,7 @@ import orjson
 from yarl import URL
 
 from ha_ingestor.config import InfluxApi, Settings
+from ha_ingestor.errors import CheckError, describe
 
 __all__ = [
     "InfluxClient",
@@ -202,7 +203,7 @@ class InfluxClient:
                         version = body["version"]
                 return response.status, version
         except (aiohttp.ClientError, TimeoutError, OSError, orjson.JSONDecodeError) as exc:
-            raise InfluxUnavailableError(f"{self._base}/ping: {_describe(exc)}") from None
+            raise InfluxUnavailableError(f"{self._base}/ping: {describe(exc)}") from None
 
     async def detect(self) -> InfluxApi:
         """The API to use: the setting, or for ``auto`` what ``/ping`` says."""
@@ -257,7 +258,7 @@ class InfluxClient:
                     return WriteResult(outcome, response.status, error)
                 return result
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return WriteResult(Outcome.RETRY, None, _describe(exc))
+            return WriteResult(Outcome.RETRY, None, describe(exc))
 
     # --- writing ---------------------------------------------------------------------------------
     def write_url(self) -> tuple[str, dict[str, str]]:
@@ -293,7 +294,7 @@ class InfluxClient:
                 text = await response.text(errors="replace") if response.status >= 300 else ""
                 return classify(response.status, text, response.headers)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return WriteResult(Outcome.RETRY, None, _describe(exc))
+            return WriteResult(Outcome.RETRY, None, describe(exc))
 
     def _token_header(self, scheme: str) -> dict[str, str]:
         token = self._settings.influx_token
@@ -323,8 +324,6 @@ class InfluxClient:
         the database or bucket (v1: 204; v2 and v3: 400 "no data", which means the same).
         Returns a one-line summary; raises ``CheckError`` with a message per problem.
         """
-        from ha_ingestor.checks import CheckError
-
         try:
             if self.api is not None:
                 _, self.version = await self.ping()  # reachable? (and which version)
@@ -389,8 +388,3 @@ def _means_no_data(message: str) -> bool:
     return not lowered or any(
         words in lowered for words in ("empty", "requires points", "no data", "no points")
     )
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -26,11 +26,11 @@ import asyncio
 import time
 from operator import methodcaller
 
+from ha_ingestor.backoff import Backoff
 from ha_ingestor.config import InfluxApi, Settings
 from ha_ingestor.pipeline.buffer import Batch, Buffer
 from ha_ingestor.sinks.dead_letter import DEAD_LETTER_FILE, DeadLetterFile
 from ha_ingestor.sinks.influxdb import InfluxClient, InfluxUnavailableError, Outcome, WriteResult
-from ha_ingestor.sources.backoff import Backoff
 from ha_ingestor.telemetry import ConnState, Telemetry
 
 __all__ = ["MEASUREMENTS", "TARGET", "InfluxWriter", "count_measurements"]

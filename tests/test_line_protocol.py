@@ -16,8 +16,7 @@ from hypothesis import strategies as st
 from influxdb_client.client.write.point import DEFAULT_WRITE_PRECISION
 from influxdb_client.client.write.point import Point as OraclePoint
 
-from ha_ingestor.record import FieldValue, Point
-from ha_ingestor.sinks.line_protocol import (
+from ha_ingestor.line_protocol import (
     encode_fields,
     encode_line,
     encode_point,
@@ -28,6 +27,7 @@ from ha_ingestor.sinks.line_protocol import (
     format_field_value,
     series_key,
 )
+from ha_ingestor.record import FieldValue, Point
 from tests.support.servers import InfluxDB1
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)

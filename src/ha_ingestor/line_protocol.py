@@ -2,7 +2,7 @@ r"""InfluxDB line protocol, escaped so that InfluxDB stores exactly the text it 
 
 ``measurement[,tag_key=tag_value...] field_key=field_value[,...] timestamp``
 
-Rules (each verified against a real InfluxDB 1.6.7 by ``tests/sinks``):
+Rules (each verified against a real InfluxDB 1.6.7 by ``tests/test_line_protocol.py``):
 
 - Measurement: ``,`` and space are escaped with a backslash. Tag keys, tag values and field
   keys: ``,``, ``=`` and space are escaped. Tags are sorted by key (InfluxDB's preferred order)
