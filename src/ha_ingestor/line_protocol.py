@@ -41,11 +41,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from math import isfinite as _isfinite
 
 from ha_ingestor.record import FieldValue, Point
 
 __all__ = [
+    "ParsedLine",
     "encode_fields",
     "encode_line",
     "encode_point",
@@ -53,7 +55,9 @@ __all__ = [
     "escape_measurement",
     "escape_string",
     "escape_tag",
+    "field_type",
     "format_field_value",
+    "parse_line",
     "series_key",
 ]
 
@@ -188,3 +192,103 @@ def encode_point(point: Point) -> str:
     if not fields:
         raise ValueError(f"point of {point.measurement!r} has no field that can be written")
     return f"{series_key(point.measurement, point.tags)} {fields} {point.time_ns}"
+
+
+# --- reading lines back (the writer settling partial writes, tests) -----------------------------
+@dataclass(frozen=True, slots=True)
+class ParsedLine:
+    """One line split into its parts; field values as written (``1.5``, ``2i``, ``"text"``)."""
+
+    measurement: str
+    tags: dict[str, str]
+    fields: dict[str, str]
+    time_ns: int | None
+
+
+def field_type(raw: str) -> str:
+    """InfluxDB's name for the type of a field value as written: float, integer, unsigned,
+    string or boolean."""
+    if raw[:1] == '"':
+        return "string"
+    if raw in ("t", "T", "true", "True", "TRUE", "f", "F", "false", "False", "FALSE"):
+        return "boolean"
+    if raw[-1:] == "i":
+        return "integer"
+    if raw[-1:] == "u":
+        return "unsigned"
+    return "float"
+
+
+def parse_line(line: str, *, v3: bool = False) -> ParsedLine:
+    """Split a line as InfluxDB reads it. ``v3``: InfluxDB 3's rule, where ``\\\\`` is one
+    backslash in names and tag values (1.x and 2.x keep both). Raises ValueError."""
+    parts = _split_unquoted(line, " ")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+        raise ValueError("expected 'measurement[,tags] fields [time]'")
+    series = _split_unquoted(parts[0], ",")
+    measurement = _unescape(series[0], v3)
+    tags: dict[str, str] = {}
+    for pair in series[1:]:
+        key, value = _split_pair(pair)
+        tags[_unescape(key, v3)] = _unescape(value, v3)
+    fields: dict[str, str] = {}
+    for pair in _split_unquoted(parts[1], ","):
+        key, value = _split_pair(pair)
+        if not value:
+            raise ValueError(f"field {key!r} has no value")
+        fields[_unescape(key, v3)] = value
+    time_ns = int(parts[2]) if len(parts) == 3 else None
+    return ParsedLine(measurement, tags, fields, time_ns)
+
+
+def _split_unquoted(text: str, separator: str) -> list[str]:
+    """Split at ``separator`` outside double quotes and not escaped by a backslash."""
+    parts: list[str] = []
+    start = index = 0
+    quoted = False
+    while index < len(text):
+        char = text[index]
+        if char == "\\":
+            index += 2
+            continue
+        if char == '"':
+            quoted = not quoted
+        elif char == separator and not quoted:
+            parts.append(text[start:index])
+            start = index + 1
+        index += 1
+    if quoted:
+        raise ValueError("unterminated string")
+    parts.append(text[start:])
+    return parts
+
+
+def _split_pair(pair: str) -> tuple[str, str]:
+    index = 0
+    while index < len(pair):
+        if pair[index] == "\\":
+            index += 2
+            continue
+        if pair[index] == "=":
+            return pair[:index], pair[index + 1 :]
+        index += 1
+    raise ValueError(f"{pair!r} has no '='")
+
+
+def _unescape(text: str, v3: bool) -> str:
+    if "\\" not in text:
+        return text
+    if v3 and text.endswith("\\") and not text.endswith("\\\\"):
+        raise ValueError(f"{text!r} ends with a backslash")
+    escapable = ",= \\" if v3 else ",= "
+    out: list[str] = []
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if char == "\\" and index + 1 < len(text) and text[index + 1] in escapable:
+            out.append(text[index + 1])
+            index += 2
+            continue
+        out.append(char)
+        index += 1
+    return "".join(out)
