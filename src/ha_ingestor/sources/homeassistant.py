@@ -41,6 +41,7 @@ from ha_ingestor.config import Settings
 from ha_ingestor.errors import describe
 from ha_ingestor.line_protocol import encode_point
 from ha_ingestor.pipeline.buffer import Buffer, Checkpoints
+from ha_ingestor.pipeline.columns import ColumnBudget
 from ha_ingestor.pipeline.ha_backfill import HistoryBackfill, LiveProbe
 from ha_ingestor.pipeline.ha_events import EntityFilter, Mapper, format_time_ns, parse_time_ns
 from ha_ingestor.sources.ha_client import (
@@ -74,6 +75,7 @@ class HomeAssistantSource:
         session: aiohttp.ClientSession,
         checkpoints: Checkpoints,
         on_instance: Callable[[str], None] | None = None,
+        columns: ColumnBudget | None = None,
     ) -> None:
         if settings.ha_url is None or settings.ha_token is None:
             raise ValueError("HA_INGESTOR_HA_URL and HA_INGESTOR_HA_TOKEN are both needed")
@@ -91,6 +93,8 @@ class HomeAssistantSource:
             entity_filter=EntityFilter(settings.ha_include_entities, settings.ha_exclude_entities),
             exclude_event_types=frozenset(settings.ha_exclude_event_types),
             entity_info=self._registries.info,
+            state_fields_always=frozenset(settings.ha_state_fields_always),
+            columns=columns,
         )
         self._backfill = HistoryBackfill(
             self._call,
