@@ -13,7 +13,12 @@ from prometheus_client import CollectorRegistry
 from ha_ingestor.pipeline.buffer import MemoryCheckpoints
 from ha_ingestor.pipeline.columns import ColumnBudget, ColumnBudgets, promoted_budget
 from ha_ingestor.pipeline.ha_backfill import history_points
-from ha_ingestor.pipeline.ha_events import OPTIONAL_STATE_FIELDS, Mapper, parse_time_ns
+from ha_ingestor.pipeline.ha_events import (
+    MAX_STRING_BYTES,
+    OPTIONAL_STATE_FIELDS,
+    Mapper,
+    parse_time_ns,
+)
 from ha_ingestor.pipeline.mqtt_discovery import DiscoveryMap
 from ha_ingestor.pipeline.mqtt_messages import MqttMessageEncoder
 from ha_ingestor.pipeline.spool import SqliteSpool
@@ -234,3 +239,18 @@ async def test_admitted_names_survive_a_restart_in_the_spool_database(tmp_path: 
         assert not again.admit("c")
     memory = ColumnBudgets(MemoryCheckpoints())
     assert memory.budget("ha_state", None).admit("attr_x")
+
+
+@pytest.mark.timeout(30)
+def test_json_over_the_servers_string_limit_is_cut_and_marked() -> None:
+    m = Mapper(instance="home")
+    huge = {"blob": "é" * MAX_STRING_BYTES}
+    point = m.map_event(state_changed(live_state("1", TIMES[0], huge), None))
+    assert point is not None
+    text = str(point.fields["attributes"])
+    assert len(text.encode()) <= MAX_STRING_BYTES
+    assert text.startswith('{"blob":"éé')
+    assert point.fields["truncated"] is True
+    small = m.map_event(state_changed(live_state("2", TIMES[1], {"a": 1}), None))
+    assert small is not None
+    assert "truncated" not in small.fields

@@ -39,6 +39,8 @@ OPTIONAL_STATE_FIELDS = STATE_FIELD_CHOICES
 #: fields (with ``labels``, ``last_reported``), plus room for a few more.
 STATE_FIXED_COLUMNS = 1 + 9 + 11 + 8
 _MAX_LINKED_CONTEXTS = 10_000
+#: InfluxDB 2.x and 3.x refuse string values over 1 MiB; the line's other parts need room too.
+MAX_STRING_BYTES = 1024 * 1024 - 1024
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -228,7 +230,7 @@ class Mapper:
             or "attributes" in self.state_fields_always
             or kept != {k: v for k, v in previous.items() if k not in excluded}
         ):
-            fields["attributes"] = orjson.dumps(kept, option=orjson.OPT_SORT_KEYS).decode()
+            _capped_json("attributes", kept, fields)
         columns = self.columns
         left_out = 0
         for name, value in kept.items():
@@ -256,12 +258,13 @@ class Mapper:
 
     def _context_is_linked(self, context: Mapping[str, Any] | None) -> bool:
         """Whether a state's context links it to something: a stored event of the same
-        context (a service call, an automation, a script), a parent context or a user."""
+        context (a service call, an automation, a script) or a parent context. A user alone
+        is not a link: a client pushing states through the REST API sets it on every one."""
         if not context:
             return False
         if "context" in self.state_fields_always:
             return True
-        if context.get("parent_id") or context.get("user_id"):
+        if context.get("parent_id"):
             return True
         return context.get("id") in self._linked_contexts
 
@@ -293,9 +296,8 @@ class Mapper:
             if not self.entity_filter.allows(entity_id):
                 return None
             tags["entity_id"] = entity_id
-        fields: dict[str, FieldValue] = {
-            "data": orjson.dumps(data, option=orjson.OPT_SORT_KEYS).decode()
-        }
+        fields: dict[str, FieldValue] = {}
+        _capped_json("data", data, fields)
         if isinstance(data.get("name"), str):
             fields["name"] = data["name"]
         _context_fields(event.get("context"), fields)
@@ -314,6 +316,17 @@ class Mapper:
                 event.get("context"),
             )
         return self.event_point(event)
+
+
+def _capped_json(name: str, value: Mapping[str, Any], fields: dict[str, FieldValue]) -> None:
+    """``value`` as JSON (sorted keys) in field ``name``; longer than InfluxDB's string limit
+    (1 MiB on 2.x and 3.x), cut at a character boundary and marked ``truncated``."""
+    raw = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    if len(raw) > MAX_STRING_BYTES:
+        fields[name] = raw[:MAX_STRING_BYTES].decode(errors="ignore")
+        fields["truncated"] = True
+    else:
+        fields[name] = raw.decode()
 
 
 def is_removal_row(row: Mapping[str, Any]) -> bool:
