@@ -29,7 +29,9 @@ TIMES = [f"2024-03-15T10:0{i}:00.000001+00:00" for i in range(5)]
 ATTRS = {"friendly_name": "Power", "unit_of_measurement": "W", "battery": 80}
 
 
-def live_state(value: str, when: str, attributes: dict[str, Any], changed: str | None = None):  # type: ignore[no-untyped-def]
+def live_state(
+    value: str, when: str, attributes: dict[str, Any], changed: str | None = None
+) -> dict[str, Any]:
     return {
         "entity_id": "sensor.p",
         "state": value,

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from ha_ingestor.checks import check_influxdb
+from ha_ingestor.config import Settings
+from ha_ingestor.errors import CheckError
 from ha_ingestor.sinks.influxdb import Outcome, classify
 from ha_ingestor.web.readiness import not_ready
 from tests.sinks.conftest import Harness, Proxy, make_settings, running_writer
@@ -19,7 +22,7 @@ from tests.support.waiting import wait_for
 TOKEN = "standin-token"
 
 
-def v3_settings(url: str, tmp_path: Path, **env: str):  # type: ignore[no-untyped-def]
+def v3_settings(url: str, tmp_path: Path, **env: str) -> Settings:
     return make_settings(
         url, tmp_path, influx_api="v3", influx_token=TOKEN, influx_database="home", **env
     )
@@ -234,3 +237,22 @@ def test_v3_partial_and_limit_answers_are_classified() -> None:
         422, '{"code":"x","message":"partial write: points beyond retention policy dropped=3"}'
     )
     assert (dropped.outcome, dropped.dropped) == (Outcome.REJECTED, 3)
+
+
+@pytest.mark.timeout(60)
+async def test_check_on_v3_does_not_create_the_database(tmp_path: Path) -> None:
+    async with serve(InfluxStandIn("v3")) as standin:
+        summary = await check_influxdb(v3_settings(standin.url, tmp_path))
+        assert "writing to 'home'" in summary
+        assert standin.databases == {}
+
+
+@pytest.mark.timeout(60)
+async def test_check_of_a_missing_v2_bucket_names_the_variable(tmp_path: Path) -> None:
+    async with serve(InfluxStandIn("v2")) as standin:
+        settings = make_settings(
+            standin.url, tmp_path, influx_api="v2", influx_token=TOKEN, influx_bucket="nope"
+        )
+        with pytest.raises(CheckError, match="bucket 'nope' not found") as error:
+            await check_influxdb(settings)
+    assert "set HA_INGESTOR_INFLUX_BUCKET to an existing bucket" in str(error.value)
