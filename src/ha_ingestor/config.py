@@ -122,7 +122,11 @@ class Settings(BaseModel):
         False, description="Skip broker certificate and host name verification (testing only)."
     )
     mqtt_max_payload_bytes: int = Field(
-        65536, ge=64, description="Payloads above this size are stored truncated and flagged."
+        65536,
+        ge=64,
+        le=1024 * 1024 - 1024,
+        description="Payloads above this size are stored truncated and flagged. At most just "
+        "under 1 MiB, the longest string InfluxDB 2.x and 3.x store (64 KiB before 3.9).",
     )
     mqtt_max_fields: int = Field(
         64, ge=0, description="Most numeric/boolean JSON leaves promoted to fields per message."
