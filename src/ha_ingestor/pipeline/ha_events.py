@@ -36,8 +36,8 @@ EVENT_MEASUREMENT = "ha_event"
 #: ``Mapper.state_fields_always``.
 OPTIONAL_STATE_FIELDS = STATE_FIELD_CHOICES
 #: Columns of ``ha_state`` that are not ``attr_*``: time, tags (with ``floor``) and its own
-#: fields (with ``labels``, ``last_reported``), plus room for a few more.
-STATE_FIXED_COLUMNS = 1 + 9 + 11 + 8
+#: fields (with ``labels``, ``last_reported``, ``truncated``), plus room for a few more.
+STATE_FIXED_COLUMNS = 1 + 9 + 12 + 8
 _MAX_LINKED_CONTEXTS = 10_000
 #: InfluxDB 2.x and 3.x refuse string values over 1 MiB; the line's other parts need room too.
 MAX_STRING_BYTES = 1024 * 1024 - 1024
