@@ -76,3 +76,25 @@ def test_secret_file_problems_are_reported(tmp_path: Path) -> None:
     assert info.value.variable == "HA_INGESTOR_HA_TOKEN_FILE"
     with pytest.raises(ConfigError, match="set only one"):
         load_settings({**BASE, "HA_INGESTOR_HA_TOKEN": "a", "HA_INGESTOR_HA_TOKEN_FILE": "/x"})
+
+
+@pytest.mark.timeout(10)
+def test_a_payload_cap_above_influxdbs_string_limit_is_refused_by_name() -> None:
+    env = {
+        "HA_INGESTOR_MQTT_HOST": "broker",
+        "HA_INGESTOR_INFLUX_URL": "http://localhost:8086",
+        "HA_INGESTOR_MQTT_MAX_PAYLOAD_BYTES": str(2 * 1024 * 1024),
+    }
+    with pytest.raises(ConfigError, match="HA_INGESTOR_MQTT_MAX_PAYLOAD_BYTES"):
+        load_settings(env)
+    env["HA_INGESTOR_HA_STATE_FIELDS_ALWAYS"] = "attributes,nope"
+    env["HA_INGESTOR_MQTT_MAX_PAYLOAD_BYTES"] = "65536"
+    with pytest.raises(ConfigError, match="HA_INGESTOR_HA_STATE_FIELDS_ALWAYS"):
+        load_settings(env)
+    env["HA_INGESTOR_HA_STATE_FIELDS_ALWAYS"] = "all"
+    assert set(load_settings(env).ha_state_fields_always) == {
+        "attributes",
+        "context",
+        "last_changed",
+        "previous_state",
+    }

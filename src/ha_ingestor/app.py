@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import signal
 import socket
-import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,11 +19,16 @@ from prometheus_client import CollectorRegistry
 
 from ha_ingestor.config import Settings
 from ha_ingestor.pipeline.buffer import Buffer, Checkpoints, MemoryBuffer, MemoryCheckpoints
+from ha_ingestor.pipeline.columns import ColumnBudgets, promoted_budget
+from ha_ingestor.pipeline.ha_events import STATE_FIXED_COLUMNS, STATE_MEASUREMENT
+from ha_ingestor.pipeline.mqtt_messages import FIXED_COLUMNS as MQTT_FIXED_COLUMNS
+from ha_ingestor.pipeline.mqtt_messages import MEASUREMENT as MQTT_MEASUREMENT
 from ha_ingestor.pipeline.spool import SqliteSpool
 from ha_ingestor.sinks.influxdb import InfluxClient
 from ha_ingestor.sinks.writer import InfluxWriter
 from ha_ingestor.sources.mqtt import MqttSource
 from ha_ingestor.telemetry import ConnState, Telemetry
+from ha_ingestor.tls import influx_tls_context
 from ha_ingestor.web.readiness import Readiness
 from ha_ingestor.web.server import HttpServer
 
@@ -49,16 +53,6 @@ async def open_buffer(
     )
     async with spool:
         yield spool, spool
-
-
-def _ssl_for(url: str, ca_file: Any, insecure: bool) -> ssl.SSLContext | bool:
-    if not url.startswith("https://"):
-        return True
-    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-    if insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 class Service:
@@ -90,9 +84,7 @@ class Service:
             spool=settings.spool_enabled,
         )
         connector = aiohttp.TCPConnector(
-            ssl=_ssl_for(
-                settings.influx_url, settings.influx_ca_file, settings.influx_tls_insecure
-            ),
+            ssl=influx_tls_context(settings),
             limit=settings.influx_concurrency + 4,
         )
         async with (
@@ -103,7 +95,10 @@ class Service:
             client = InfluxClient(settings, influx_session)
             writer = InfluxWriter(settings, client, buffer, telemetry)
             readiness = Readiness(settings, telemetry, buffer)
-            sources = self.sources = self._sources(settings, buffer, checkpoints, ha_session)
+            columns = ColumnBudgets(checkpoints, telemetry)
+            sources = self.sources = self._sources(
+                settings, buffer, columns, checkpoints, ha_session
+            )
             async with HttpServer(
                 settings.http_host, settings.http_port, telemetry, buffer, readiness
             ) as http:
@@ -113,6 +108,8 @@ class Service:
                     asyncio.create_task(source.run(), name=f"source-{name}")
                     for name, source in sources.items()
                 ]
+                # Stopped with the sources: its last save lands in the spool's final commit.
+                source_tasks.append(asyncio.create_task(columns.run(), name="column-budgets"))
                 self.ready.set()
                 telemetry.log.info("started", http_port=http.port)
                 stop_wait = asyncio.create_task(self._stop.wait(), name="stop-signal")
@@ -129,13 +126,17 @@ class Service:
         self,
         settings: Settings,
         buffer: Buffer,
+        columns: ColumnBudgets,
         checkpoints: Checkpoints,
         ha_session: aiohttp.ClientSession,
     ) -> dict[str, Any]:
         sources: dict[str, Any] = {}
         mqtt: MqttSource | None = None
+        static_tags = len(settings.tags)
         if settings.mqtt_enabled:
             mqtt = MqttSource(settings, buffer, self.telemetry, default_instance(settings))
+            limit = promoted_budget(settings.influx_max_columns, MQTT_FIXED_COLUMNS, static_tags)
+            mqtt.encoder.limit_columns(columns.budget(MQTT_MEASUREMENT, limit))
             sources["mqtt"] = mqtt
         if settings.ha_enabled:
             from ha_ingestor.sources.homeassistant import HomeAssistantSource
@@ -148,6 +149,10 @@ class Service:
                 checkpoints,
                 # Home Assistant's location name becomes every point's instance tag.
                 on_instance=mqtt.encoder.set_instance if mqtt is not None else None,
+                columns=columns.budget(
+                    STATE_MEASUREMENT,
+                    promoted_budget(settings.influx_max_columns, STATE_FIXED_COLUMNS, static_tags),
+                ),
             )
         return sources
 

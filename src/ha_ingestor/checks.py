@@ -12,13 +12,11 @@ import gmqtt
 import orjson
 
 from ha_ingestor.config import Settings
+from ha_ingestor.errors import CheckError
 from ha_ingestor.sinks.influxdb import InfluxClient
+from ha_ingestor.tls import ha_tls_context, influx_tls_context, mqtt_tls_context
 
 TIMEOUT = 10.0
-
-
-class CheckError(Exception):
-    """The target answered, or failed to, in a way that stops the service working."""
 
 
 async def check_mqtt(settings: Settings) -> str:
@@ -27,9 +25,7 @@ async def check_mqtt(settings: Settings) -> str:
     if settings.mqtt_username:
         password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
         client.set_auth_credentials(settings.mqtt_username, password)
-    from ha_ingestor.sources.mqtt import _ssl_context
-
-    ssl_context = _ssl_context(settings) if settings.mqtt_tls else False
+    ssl_context = mqtt_tls_context(settings) if settings.mqtt_tls else False
     target = f"{settings.mqtt_host}:{settings.effective_mqtt_port}"
     try:
         await asyncio.wait_for(
@@ -53,7 +49,10 @@ async def check_homeassistant(settings: Settings) -> str:
     async with (
         aiohttp.ClientSession() as session,
         session.ws_connect(
-            url, max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=TIMEOUT)
+            url,
+            max_msg_size=0,
+            ssl=ha_tls_context(settings),
+            timeout=aiohttp.ClientWSTimeout(ws_close=TIMEOUT),
         ) as ws,
     ):
         hello = await ws.receive_json(timeout=TIMEOUT)
@@ -80,7 +79,8 @@ async def check_homeassistant(settings: Settings) -> str:
 
 
 async def check_influxdb(settings: Settings) -> str:
-    async with aiohttp.ClientSession() as session:
+    connector = aiohttp.TCPConnector(ssl=influx_tls_context(settings))
+    async with aiohttp.ClientSession(connector=connector) as session:
         client = InfluxClient(settings, session)
         return await client.check()
 

@@ -71,6 +71,8 @@ def _split_csv(value: Any) -> Any:
 
 
 CsvList = list[str]
+#: ``ha_state`` fields that HA_INGESTOR_HA_STATE_FIELDS_ALWAYS can put on every point.
+STATE_FIELD_CHOICES = frozenset({"attributes", "context", "last_changed", "previous_state"})
 
 
 class Settings(BaseModel):
@@ -120,7 +122,11 @@ class Settings(BaseModel):
         False, description="Skip broker certificate and host name verification (testing only)."
     )
     mqtt_max_payload_bytes: int = Field(
-        65536, ge=64, description="Payloads above this size are stored truncated and flagged."
+        65536,
+        ge=64,
+        le=1024 * 1024 - 1024,
+        description="Payloads above this size are stored truncated and flagged. At most just "
+        "under 1 MiB, the longest string InfluxDB 2.x and 3.x store (64 KiB before 3.9).",
     )
     mqtt_max_fields: int = Field(
         64, ge=0, description="Most numeric/boolean JSON leaves promoted to fields per message."
@@ -150,6 +156,14 @@ class Settings(BaseModel):
     )
     ha_exclude_attributes: CsvList = Field(
         default_factory=list, description="Attribute names left out of stored points."
+    )
+    ha_state_fields_always: CsvList = Field(
+        default_factory=list,
+        description="`ha_state` fields stored on every point rather than only when they carry "
+        "information: any of `attributes` (default: when they change), `context` (default: "
+        "when another stored event shares it), `last_changed` (default: when it differs from "
+        "the point's time), `previous_state` (default: never; it is the previous point's "
+        "`state`), or `all`.",
     )
     ha_ca_file: Path | None = Field(None, description="CA bundle for an `https` Home Assistant.")
     ha_tls_insecure: bool = Field(
@@ -190,6 +204,13 @@ class Settings(BaseModel):
     influx_ca_file: Path | None = Field(None, description="CA bundle for an `https` InfluxDB.")
     influx_tls_insecure: bool = Field(
         False, description="Skip InfluxDB certificate verification (testing only)."
+    )
+    influx_max_columns: int = Field(
+        500,
+        ge=0,
+        description="Most columns (time, tags and fields) the ingestor gives one measurement: "
+        "InfluxDB 3 Core's fixed limit. Promoted fields past it (JSON leaves, `attr_*`) stay "
+        "only in `payload`/`attributes`. 0 = no limit (InfluxDB 1.x/2.x only).",
     )
     influx_batch_size: int = Field(5000, ge=1, description="Most lines per write request.")
     influx_flush_interval: float = Field(
@@ -250,6 +271,7 @@ class Settings(BaseModel):
         "ha_include_entities",
         "ha_exclude_entities",
         "ha_exclude_attributes",
+        "ha_state_fields_always",
         mode="before",
     )
     @classmethod
@@ -282,6 +304,17 @@ class Settings(BaseModel):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("ha_state_fields_always")
+    @classmethod
+    def _state_fields(cls, value: list[str]) -> list[str]:
+        if "all" in value:
+            return sorted(STATE_FIELD_CHOICES)
+        unknown = sorted(set(value) - STATE_FIELD_CHOICES)
+        if unknown:
+            choices = ", ".join(sorted(STATE_FIELD_CHOICES))
+            raise ValueError(f"unknown field {unknown[0]!r}: choose from {choices} or all")
+        return value
 
     @field_validator("influx_database")
     @classmethod

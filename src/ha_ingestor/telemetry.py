@@ -96,6 +96,13 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        self.fields_left_out = Counter(
+            "ha_ingestor_fields_left_out",
+            "Promoted fields (JSON leaves, attr_*) not written, by measurement and reason; the "
+            "value stays in the point's payload or attributes.",
+            ["measurement", "reason"],
+            registry=registry,
+        )
         self.dead_lettered = Counter(
             "ha_ingestor_dead_lettered_lines",
             "Lines InfluxDB rejected for good, kept in the dead-letter file.",

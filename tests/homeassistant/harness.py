@@ -51,7 +51,7 @@ class Line:
 
 
 def parse_line(line: str) -> Line:
-    """Parse what :func:`ha_ingestor.sinks.line_protocol.encode_point` writes (enough of the
+    """Parse what :func:`ha_ingestor.line_protocol.encode_point` writes (enough of the
     grammar for that: escaped ``,``/``=``/space in names, quoted strings, i-suffixed ints)."""
     series, rest = _split_unescaped(line, " ", 1)
     parts = _split_unescaped(series, ",")

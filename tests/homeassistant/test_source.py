@@ -80,7 +80,7 @@ async def test_every_state_change_and_event_matches_the_recorder(
         assert first.fields["value"] == 0.0
         assert first.fields["attr_sequence"] == 0.0
         assert json.loads(str(first.fields["attributes"]))["sequence"] == 0
-        assert first.fields["context_id"]
+        assert "context_id" not in first.fields, "no stored event shares its context"
 
         guarded = [x for x in live if x.tags["entity_id"] == "sensor.guarded_level"]
         assert "unavailable" in {x.fields["state"] for x in guarded}
@@ -94,6 +94,11 @@ async def test_every_state_change_and_event_matches_the_recorder(
         ]
         assert len(calls) == 12
         assert {x.tags["service"] for x in calls} == {"turn_on", "turn_off"}
+        # A state changed by a service call keeps the context it shares with the call.
+        switched = [x for x in live if x.tags["entity_id"] == "input_boolean.test_switch"]
+        call_contexts = {x.fields["context_id"] for x in calls}
+        assert switched
+        assert all(x.fields.get("context_id") in call_contexts for x in switched)
         assert {x.tags["entity_id"] for x in calls} == {
             "input_boolean.test_switch",
             "input_boolean.sensor_available",

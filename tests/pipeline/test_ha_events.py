@@ -12,8 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ha_ingestor.line_protocol import encode_point
 from ha_ingestor.pipeline.ha_backfill import history_points
 from ha_ingestor.pipeline.ha_events import (
+    OPTIONAL_STATE_FIELDS,
     EntityFilter,
     EntityInfo,
     Mapper,
@@ -22,13 +24,17 @@ from ha_ingestor.pipeline.ha_events import (
     parse_time_ns,
 )
 from ha_ingestor.record import Point
-from ha_ingestor.sinks.line_protocol import encode_point
 
 T0 = "2024-03-15T10:20:30.123456+00:00"
 T0_NS = calendar.timegm((2024, 3, 15, 10, 20, 30)) * 1_000_000_000 + 123_456_000
 T1 = "2024-03-15T10:21:00.000001+00:00"
 T1_NS = calendar.timegm((2024, 3, 15, 10, 21, 0)) * 1_000_000_000 + 1_000
 CONTEXT = {"id": "01HS0000000000000000000000", "parent_id": None, "user_id": "abc123"}
+
+
+def full_mapper(**overrides: Any) -> Mapper:
+    """A mapper that stores every optional field on every point (the full schema)."""
+    return mapper(state_fields_always=OPTIONAL_STATE_FIELDS, **overrides)
 
 
 def mapper(**overrides: Any) -> Mapper:
@@ -103,7 +109,7 @@ def test_iso_and_history_floats_round_trip_to_the_same_microsecond(micros: int) 
 # --- state changes -------------------------------------------------------------------------------
 def test_a_numeric_state_change() -> None:
     info = EntityInfo(area="Kitchen", device="Thermometer", platform="mqtt")
-    m = mapper(entity_info=lambda entity_id: info)
+    m = full_mapper(entity_info=lambda entity_id: info)
     attributes = {
         "unit_of_measurement": "°C",
         "device_class": "temperature",
@@ -196,7 +202,7 @@ def test_an_added_entity_has_no_previous_state() -> None:
 
 def test_a_removed_entity_is_a_point_at_time_fired() -> None:
     old = state("sensor.gone", "5", {"unit_of_measurement": "W"}, last_updated=T0)
-    point = mapped(mapper(), state_changed("sensor.gone", None, old, fired=T1))
+    point = mapped(full_mapper(), state_changed("sensor.gone", None, old, fired=T1))
     assert point.time_ns == T1_NS
     assert point.fields["state"] == ""
     assert point.fields["removed"] is True
@@ -334,7 +340,7 @@ def test_a_history_removal_row_is_the_same_point_as_the_live_removal() -> None:
 
 
 def test_the_synthetic_start_row_is_skipped_but_a_change_a_microsecond_later_is_not() -> None:
-    m = mapper()
+    m = full_mapper()
     start = "2024-03-15T10:00:00.000000+00:00"
     just_after = "2024-03-15T10:00:00.000001+00:00"
     rows = [history_row("1", {}, start), history_row("2", {}, just_after)]

@@ -22,8 +22,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from ha_ingestor.checks import CheckError
 from ha_ingestor.config import InfluxApi, Settings
+from ha_ingestor.errors import CheckError
 from ha_ingestor.sinks.influxdb import (
     InfluxClient,
     InfluxUnavailableError,
@@ -161,7 +161,7 @@ async def test_v3_write_uses_write_lp_nanosecond_precision_and_a_bearer_token(
     assert result.outcome is Outcome.OK
     (write,) = stub.writes()
     assert write.path == "/api/v3/write_lp"
-    assert write.query == {"db": "home", "precision": "nanosecond"}
+    assert write.query == {"db": "home", "precision": "nanosecond", "accept_partial": "true"}
     assert write.headers["Authorization"] == f"Bearer {TOKEN}"
     assert "Content-Encoding" not in write.headers  # a local InfluxDB: not worth the CPU
     assert write.body == b"m v=1 1"
@@ -306,7 +306,7 @@ V3_PARTIAL = json.dumps(
             400,
             V3_PARTIAL,
             {},
-            Outcome.REJECTED,
+            Outcome.PARTIAL,
             "partial write of line protocol occurred: line 2: invalid field value; "
             "line 5: missing fields",
         ),

@@ -29,10 +29,10 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
+from ha_ingestor.line_protocol import encode_point
 from ha_ingestor.pipeline.buffer import Buffer
 from ha_ingestor.pipeline.ha_events import Mapper, format_time_ns, parse_time_ns
 from ha_ingestor.record import Point
-from ha_ingestor.sinks.line_protocol import encode_point
 from ha_ingestor.telemetry import Telemetry
 
 HISTORY = "history/history_during_period"

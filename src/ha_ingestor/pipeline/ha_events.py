@@ -5,6 +5,12 @@ at ``time_fired``); every other event becomes one ``ha_event`` point at ``time_f
 Timestamps keep Home Assistant's microseconds exactly (parsed as integers, never via floats).
 A state recovered from the recorder's history maps to the very same series and time, so a
 back-filled point and its live twin collapse into one in InfluxDB.
+
+Lean by default (docs/schema.md): ``attributes`` only when they differ from the previous state's
+(live: ``old_state``; history: the previous row — the same rule, so both give the same point),
+``last_changed`` only when it differs from the point's time, ``previous_state`` not at all, and
+``context_*`` only when another stored event shares the context. ``state_fields_always`` turns
+each back on. ``attr_*`` fields are promoted within the measurement's column budget.
 """
 
 from __future__ import annotations
@@ -19,11 +25,22 @@ from typing import Any
 
 import orjson
 
+from ha_ingestor.config import STATE_FIELD_CHOICES
+from ha_ingestor.pipeline.columns import ColumnBudget
 from ha_ingestor.pipeline.values import to_value
 from ha_ingestor.record import FieldValue, Point
 
 STATE_MEASUREMENT = "ha_state"
 EVENT_MEASUREMENT = "ha_event"
+#: ``ha_state`` fields left out of a point when they carry nothing new, unless named in
+#: ``Mapper.state_fields_always``.
+OPTIONAL_STATE_FIELDS = STATE_FIELD_CHOICES
+#: Columns of ``ha_state`` that are not ``attr_*``: time, tags (with ``floor``) and its own
+#: fields (with ``labels``, ``last_reported``, ``truncated``), plus room for a few more.
+STATE_FIXED_COLUMNS = 1 + 9 + 12 + 8
+_MAX_LINKED_CONTEXTS = 10_000
+#: InfluxDB 2.x and 3.x refuse string values over 1 MiB; the line's other parts need room too.
+MAX_STRING_BYTES = 1024 * 1024 - 1024
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -93,6 +110,10 @@ class Mapper:
     entity_filter: EntityFilter = field(default_factory=lambda: EntityFilter([], []))
     exclude_event_types: frozenset[str] = frozenset()
     entity_info: Callable[[str], EntityInfo] = lambda _entity_id: EntityInfo()
+    state_fields_always: frozenset[str] = frozenset()
+    columns: ColumnBudget | None = None
+    # Context ids of stored events (call_service, automation_triggered...), newest last.
+    _linked_contexts: dict[str, None] = field(default_factory=dict, repr=False)
 
     # --- state changes ---------------------------------------------------------------------------
     def state_point(
@@ -117,15 +138,17 @@ class Mapper:
             value = to_value(state)
             if value is not None:
                 fields["value"] = value
-            self._attribute_fields(new_state.get("attributes") or {}, fields)
+            previous_attributes = None if old_state is None else old_state.get("attributes") or {}
+            self._attribute_fields(new_state.get("attributes") or {}, fields, previous_attributes)
+            time_ns = parse_time_ns(str(new_state.get("last_updated") or time_fired))
             last_changed = new_state.get("last_changed")
             if isinstance(last_changed, str):
-                fields["last_changed"] = _seconds(parse_time_ns(last_changed))
-            time_ns = parse_time_ns(str(new_state.get("last_updated") or time_fired))
+                self._last_changed_field(parse_time_ns(last_changed), time_ns, fields)
             context = new_state.get("context") or context
-        if old_state is not None:
+        if old_state is not None and "previous_state" in self.state_fields_always:
             fields["previous_state"] = str(old_state.get("state", ""))
-        _context_fields(context, fields)
+        if self._context_is_linked(context):
+            _context_fields(context, fields)
         return Point(STATE_MEASUREMENT, tags, fields, time_ns)
 
     def history_point(
@@ -154,13 +177,18 @@ class Mapper:
             value = to_value(state)
             if value is not None:
                 fields["value"] = value
-            self._attribute_fields(attributes, fields)
+            # Like a live event for an added entity, a row after a removal has no previous state.
+            known = previous is not None and not is_removal_row(previous)
+            previous_attributes = (previous or {}).get("a") or {} if known else None
+            self._attribute_fields(attributes, fields, previous_attributes)
             changed = row.get("lc")
-            fields["last_changed"] = (
-                _seconds(epoch_to_ns(float(changed))) if changed else _seconds(time_ns)
-            )
-        # Like a live event for an added entity, a row after a removal has no previous state.
-        if previous is not None and not is_removal_row(previous):
+            changed_ns = epoch_to_ns(float(changed)) if changed else time_ns
+            self._last_changed_field(changed_ns, time_ns, fields)
+        if (
+            previous is not None
+            and not is_removal_row(previous)
+            and "previous_state" in self.state_fields_always
+        ):
             fields["previous_state"] = str(previous.get("s", ""))
         return Point(STATE_MEASUREMENT, tags, fields, time_ns)
 
@@ -188,16 +216,65 @@ class Mapper:
         return tags
 
     def _attribute_fields(
-        self, attributes: Mapping[str, Any], fields: dict[str, FieldValue]
+        self,
+        attributes: Mapping[str, Any],
+        fields: dict[str, FieldValue],
+        previous: Mapping[str, Any] | None,
     ) -> None:
+        """``attributes`` (JSON) unless the previous state, when known, had the same ones;
+        ``attr_*`` for numeric and boolean attributes on every point, within the budget."""
         excluded = self.exclude_attributes
         kept = {k: v for k, v in attributes.items() if k not in excluded}
-        fields["attributes"] = orjson.dumps(kept, option=orjson.OPT_SORT_KEYS).decode()
+        if (
+            previous is None
+            or "attributes" in self.state_fields_always
+            or kept != {k: v for k, v in previous.items() if k not in excluded}
+        ):
+            _capped_json("attributes", kept, fields)
+        columns = self.columns
+        left_out = 0
         for name, value in kept.items():
             if type(value) is bool:
-                fields[f"attr_{name}"] = 1.0 if value else 0.0
+                number = 1.0 if value else 0.0
             elif type(value) in (int, float) and math.isfinite(value):
-                fields[f"attr_{name}"] = float(value)
+                number = float(value)
+            else:
+                continue
+            key = f"attr_{name}"
+            if columns is None or columns.admit(key):
+                fields[key] = number
+            else:
+                left_out += 1  # past the column budget: only in the attributes JSON
+        if left_out and columns is not None:
+            columns.left_out(left_out)
+
+    def _last_changed_field(
+        self, last_changed_ns: int, time_ns: int, fields: dict[str, FieldValue]
+    ) -> None:
+        """``last_changed`` when it says something the point's time does not (the state
+        stayed, attributes changed), or always when configured."""
+        if last_changed_ns != time_ns or "last_changed" in self.state_fields_always:
+            fields["last_changed"] = _seconds(last_changed_ns)
+
+    def _context_is_linked(self, context: Mapping[str, Any] | None) -> bool:
+        """Whether a state's context links it to something: a stored event of the same
+        context (a service call, an automation, a script) or a parent context. A user alone
+        is not a link: a client pushing states through the REST API sets it on every one."""
+        if not context:
+            return False
+        if "context" in self.state_fields_always:
+            return True
+        if context.get("parent_id"):
+            return True
+        return context.get("id") in self._linked_contexts
+
+    def _remember_context(self, context: Mapping[str, Any] | None) -> None:
+        context_id = context.get("id") if context else None
+        if isinstance(context_id, str) and context_id:
+            linked = self._linked_contexts
+            linked[context_id] = None
+            if len(linked) > _MAX_LINKED_CONTEXTS:
+                del linked[next(iter(linked))]
 
     # --- other events ----------------------------------------------------------------------------
     def event_point(self, event: Mapping[str, Any]) -> Point | None:
@@ -219,12 +296,12 @@ class Mapper:
             if not self.entity_filter.allows(entity_id):
                 return None
             tags["entity_id"] = entity_id
-        fields: dict[str, FieldValue] = {
-            "data": orjson.dumps(data, option=orjson.OPT_SORT_KEYS).decode()
-        }
+        fields: dict[str, FieldValue] = {}
+        _capped_json("data", data, fields)
         if isinstance(data.get("name"), str):
             fields["name"] = data["name"]
         _context_fields(event.get("context"), fields)
+        self._remember_context(event.get("context"))
         return Point(EVENT_MEASUREMENT, tags, fields, parse_time_ns(str(event["time_fired"])))
 
     def map_event(self, event: Mapping[str, Any]) -> Point | None:
@@ -239,6 +316,17 @@ class Mapper:
                 event.get("context"),
             )
         return self.event_point(event)
+
+
+def _capped_json(name: str, value: Mapping[str, Any], fields: dict[str, FieldValue]) -> None:
+    """``value`` as JSON (sorted keys) in field ``name``; longer than InfluxDB's string limit
+    (1 MiB on 2.x and 3.x), cut at a character boundary and marked ``truncated``."""
+    raw = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    if len(raw) > MAX_STRING_BYTES:
+        fields[name] = raw[:MAX_STRING_BYTES].decode(errors="ignore")
+        fields["truncated"] = True
+    else:
+        fields[name] = raw.decode()
 
 
 def is_removal_row(row: Mapping[str, Any]) -> bool:

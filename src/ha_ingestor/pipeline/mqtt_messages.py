@@ -7,7 +7,10 @@ Fields (DESIGN §4): ``payload`` (string; base64 with ``encoding``="base64" when
 truncated with ``truncated``=true over the size cap), ``value`` (float for numbers and
 boolean-like words), one float per numeric/boolean leaf of a JSON object named by its dotted path,
 ``qos`` (int), ``retained`` (bool), ``size`` (int). A leaf whose path would collide with one of
-these names is stored as ``json.<path>`` so a name never carries two types.
+these names, or with a tag of the measurement, is stored as ``json.<path>`` so a name never
+carries two types (InfluxDB 3 refuses a field named like a tag). Leaves are promoted within the
+measurement's column budget (:mod:`ha_ingestor.pipeline.columns`); past it they stay only in
+``payload``.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from typing import Any
 
 import orjson
 
+from ha_ingestor.line_protocol import escape_field_key, escape_string, series_key
+from ha_ingestor.pipeline.columns import ColumnBudget
 from ha_ingestor.pipeline.mqtt_discovery import DiscoveryMap
 from ha_ingestor.pipeline.values import to_value
-from ha_ingestor.sinks.line_protocol import escape_field_key, escape_string, series_key
 
 MEASUREMENT = "mqtt_message"
 # Names this measurement uses itself, and names InfluxDB refuses or reserves as field keys.
@@ -28,6 +32,10 @@ RESERVED_FIELDS = frozenset(
     {"payload", "value", "qos", "retained", "size", "encoding", "truncated"}
     | {"time", "_time", "_field", "_measurement", "_start", "_stop", "_value"}
 )
+TAGS = frozenset({"topic", "instance", "entity_id", "device"})
+#: Columns of the measurement that are not promoted leaves: time, tags, its own fields, and
+#: room for a few more.
+FIXED_COLUMNS = 1 + len(TAGS) + 7 + 8
 _MAX_CACHED_TOPICS = 100_000
 _MAX_CACHED_KEYS = 10_000
 
@@ -44,6 +52,7 @@ class MqttMessageEncoder:
         max_payload_bytes: int = 65536,
         max_fields: int = 64,
         on_invalid: Callable[[str, str], None] | None = None,
+        columns: ColumnBudget | None = None,
     ) -> None:
         self._instance = instance
         self._static_tags = static_tags
@@ -52,7 +61,15 @@ class MqttMessageEncoder:
         self._max_fields = max_fields
         self._on_invalid = on_invalid or (lambda _reason, _topic: None)
         self._series: dict[str, str] = {}
-        self._assignments: dict[str, str] = {}
+        self._assignments: dict[str, str] = {}  # "" for a path past the column budget
+        self._reserved = RESERVED_FIELDS | TAGS | frozenset(static_tags)
+        self._columns = columns
+        self._left_out = 0  # leaves of the message being encoded left out by the budget
+
+    def limit_columns(self, columns: ColumnBudget) -> None:
+        """Promote new leaves only within ``columns`` (from now on)."""
+        self._columns = columns
+        self._assignments.clear()
 
     def set_instance(self, instance: str) -> None:
         if instance != self._instance:
@@ -116,6 +133,10 @@ class MqttMessageEncoder:
         leaves: list[str] = []
         if self._flatten(document, "", leaves):
             self._on_invalid("too_many_fields", topic)
+        if self._left_out:
+            if self._columns is not None:
+                self._columns.left_out(self._left_out)
+            self._left_out = 0
         return "," + ",".join(leaves) if leaves else ""
 
     def _flatten(self, obj: dict[str, Any], prefix: str, out: list[str]) -> bool:
@@ -143,14 +164,24 @@ class MqttMessageEncoder:
             if len(out) >= max_fields:
                 return True
             path = prefix + key
-            out.append((assignments.get(path) or self._assignment(path)) + text)
+            assignment = assignments.get(path)
+            if assignment is None:
+                assignment = self._assignment(path)
+            if assignment:
+                out.append(assignment + text)
+            else:
+                self._left_out += 1  # past the column budget: only in the payload
         return False
 
     def _assignment(self, path: str) -> str:
-        """``escaped_field_key=`` for a dotted path, cached."""
+        """``escaped_field_key=`` for a dotted path, cached; "" past the column budget."""
         if len(self._assignments) >= _MAX_CACHED_KEYS:
             self._assignments.clear()
-        name = "json." + path if path in RESERVED_FIELDS else path
+        name = "json." + path if path in self._reserved else path
+        columns = self._columns
+        if columns is not None and not columns.admit(name):
+            self._assignments[path] = ""
+            return ""
         assignment = self._assignments[path] = escape_field_key(name) + "="
         return assignment
 

@@ -29,6 +29,7 @@ import asyncio
 import base64
 import gzip
 import io
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,16 +41,24 @@ import orjson
 from yarl import URL
 
 from ha_ingestor.config import InfluxApi, Settings
+from ha_ingestor.errors import CheckError, describe
 
 __all__ = [
     "InfluxClient",
     "InfluxUnavailableError",
+    "LineError",
     "Outcome",
     "WriteResult",
     "classify",
+    "is_limit_message",
 ]
 
 _MAX_MESSAGE = 2000
+_DROPPED = re.compile(r"dropped=(\d+)")
+# InfluxDB 3 Core: "... would exceed the limit of 500 columns per table", "... table limit ...".
+_LIMIT = re.compile(
+    r"\blimit\b.*\b(column|table|database)s?\b|\b(column|table|database)s?\b.*\blimit\b"
+)
 # Answers about the request rather than its lines: bisecting would dead-letter every line.
 _REQUEST_ERRORS = (
     "database is required",  # v1: no db parameter
@@ -69,6 +78,22 @@ class Outcome(StrEnum):
     NOT_FOUND = "not_found"  # 404: database or bucket missing (created on v1)
     TOO_LARGE = "too_large"  # 413: split the batch
     CONFIG = "config"  # the request itself is wrong (organisation, retention policy): as AUTH
+    PARTIAL = "partial"  # v3: the good lines are stored, ``line_errors`` lists the others
+    LIMIT = "limit"  # a column, table or database limit, or a deleted database: as AUTH
+
+
+@dataclass(frozen=True, slots=True)
+class LineError:
+    """One line the server refused: its 1-based number in the request body and why."""
+
+    line_number: int
+    message: str
+    original_line: str = ""
+
+    @property
+    def is_limit(self) -> bool:
+        """A limit of the server, not a fault of the line: the line is kept and retried."""
+        return is_limit_message(self.message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +102,8 @@ class WriteResult:
     status: int | None = None  # None: no HTTP answer (connection error, timeout)
     message: str = ""  # the server's reason, or the transport error
     retry_after: float | None = None  # seconds, from Retry-After
+    line_errors: tuple[LineError, ...] = ()  # v3: the refused lines, by number
+    dropped: int | None = None  # 1.x/2.x "partial write: ... dropped=N": the others are stored
 
     def describe(self) -> str:
         if self.status is None:
@@ -92,6 +119,7 @@ def classify(status: int, body: str, headers: Mapping[str, str] | None = None) -
     """Map an HTTP answer to what the writer must do with the batch."""
     if 200 <= status < 300:
         return WriteResult(Outcome.OK, status)
+    document = _json_document(body)
     message = error_message(body) or (headers or {}).get("X-Influxdb-Error", "")
     lowered = message.lower()
     if status in (401, 403):
@@ -100,39 +128,96 @@ def classify(status: int, body: str, headers: Mapping[str, str] | None = None) -
         return WriteResult(Outcome.NOT_FOUND, status, message)
     if status == 413:
         return WriteResult(Outcome.TOO_LARGE, status, message)
-    if not lowered.startswith("partial write") and any(e in lowered for e in _REQUEST_ERRORS):
+    if "partial write" not in lowered and any(e in lowered for e in _REQUEST_ERRORS):
         return WriteResult(Outcome.CONFIG, status, message)
     if status in (400, 422):
-        return WriteResult(Outcome.REJECTED, status, message)
+        line_errors = _line_errors(document)
+        data = document.get("data") if document else None
+        if isinstance(data, list) and line_errors:
+            # v3 write_lp with accept_partial: every line but the listed ones is stored.
+            return WriteResult(Outcome.PARTIAL, status, message, line_errors=line_errors)
+        if is_limit_message(lowered):
+            return WriteResult(Outcome.LIMIT, status, message)
+        dropped = _DROPPED.search(message) if "partial write" in lowered else None
+        return WriteResult(
+            Outcome.REJECTED,
+            status,
+            message,
+            line_errors=line_errors,
+            dropped=int(dropped.group(1)) if dropped else None,
+        )
     retry_after = parse_retry_after((headers or {}).get("Retry-After"))
     return WriteResult(Outcome.RETRY, status, message, retry_after)
 
 
-def error_message(body: str) -> str:
-    """The reason in an error body: v1 ``{"error"}``, v2 ``{"code","message"}``, v3
-    ``{"error","data":[{"line_number","error_message",...}]}`` or plain text."""
+def is_limit_message(message: str) -> bool:
+    """InfluxDB 3's column/table/database limits, and writes to a deleted database."""
+    lowered = message.lower()
+    return bool(_LIMIT.search(lowered)) or ("database" in lowered and "deleted" in lowered)
+
+
+def _json_document(body: str) -> dict[str, object] | None:
+    """The error body as a JSON object; InfluxDB 3's v2 endpoint may wrap the v3 form as a
+    JSON text in ``message``."""
     body = body.strip()
     if not body.startswith("{"):
-        return body[:_MAX_MESSAGE]
+        return None
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return body[:_MAX_MESSAGE]
+        return None
     if not isinstance(document, dict):
-        return body[:_MAX_MESSAGE]
+        return None
+    inner = document.get("message")
+    if "data" not in document and isinstance(inner, str) and inner.lstrip().startswith("{"):
+        nested = _json_document(inner)
+        if nested is not None:
+            return nested
+    return document
+
+
+def _line_errors(document: dict[str, object] | None) -> tuple[LineError, ...]:
+    """``data`` as a list (v3 partial write) or as one object (v3's /write and /api/v2/write)."""
+    if document is None:
+        return ()
+    data = document.get("data")
+    items = data if isinstance(data, list) else [data] if isinstance(data, dict) else []
+    errors: list[LineError] = []
+    for item in items:
+        if not isinstance(item, dict):
+            return ()
+        number = item.get("line_number")
+        if type(number) is not int or number < 1:
+            return ()  # not a form this client understands: fall back to bisecting
+        errors.append(
+            LineError(
+                number, str(item.get("error_message", "")), str(item.get("original_line", ""))
+            )
+        )
+    return tuple(errors)
+
+
+def error_message(body: str) -> str:
+    """The reason in an error body: v1 ``{"error"}``, v2 ``{"code","message"}``, v3
+    ``{"error","data":[{"line_number","error_message",...}]}`` or ``"data"`` as one object,
+    or plain text."""
+    document = _json_document(body)
+    if document is None:
+        return body.strip()[:_MAX_MESSAGE]
     message = document.get("error") or document.get("message") or ""
     if not isinstance(message, str):
         message = orjson.dumps(message).decode()
     data = document.get("data")
-    if isinstance(data, list) and data:
+    items = data if isinstance(data, list) else [data] if isinstance(data, dict) else []
+    if items:
         details = [
             f"line {item.get('line_number', '?')}: {item.get('error_message', '')}"
             if isinstance(item, dict)
             else str(item)
-            for item in data
+            for item in items
         ]
         message = f"{message}: {'; '.join(details)}" if message else "; ".join(details)
-    return (message or body)[:_MAX_MESSAGE]
+    return (message or body.strip())[:_MAX_MESSAGE]
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -202,7 +287,7 @@ class InfluxClient:
                         version = body["version"]
                 return response.status, version
         except (aiohttp.ClientError, TimeoutError, OSError, orjson.JSONDecodeError) as exc:
-            raise InfluxUnavailableError(f"{self._base}/ping: {_describe(exc)}") from None
+            raise InfluxUnavailableError(f"{self._base}/ping: {describe(exc)}") from None
 
     async def detect(self) -> InfluxApi:
         """The API to use: the setting, or for ``auto`` what ``/ping`` says."""
@@ -257,7 +342,7 @@ class InfluxClient:
                     return WriteResult(outcome, response.status, error)
                 return result
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return WriteResult(Outcome.RETRY, None, _describe(exc))
+            return WriteResult(Outcome.RETRY, None, describe(exc))
 
     # --- writing ---------------------------------------------------------------------------------
     def write_url(self) -> tuple[str, dict[str, str]]:
@@ -270,7 +355,13 @@ class InfluxClient:
                 del params["org"]  # InfluxDB 3's v2 endpoint needs none; 2.x says what is wrong
             return f"{self._base}/api/v2/write", params
         if api == InfluxApi.V3:
-            params = {"db": settings.influx_database, "precision": "nanosecond"}
+            # accept_partial (the default, said so): the good lines of a batch are stored and
+            # the answer lists the others by number, settled without sending anything twice.
+            params = {
+                "db": settings.influx_database,
+                "precision": "nanosecond",
+                "accept_partial": "true",
+            }
             return f"{self._base}/api/v3/write_lp", params
         params = {"db": settings.influx_database, "precision": "ns"}
         if settings.influx_retention_policy:
@@ -293,7 +384,7 @@ class InfluxClient:
                 text = await response.text(errors="replace") if response.status >= 300 else ""
                 return classify(response.status, text, response.headers)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return WriteResult(Outcome.RETRY, None, _describe(exc))
+            return WriteResult(Outcome.RETRY, None, describe(exc))
 
     def _token_header(self, scheme: str) -> dict[str, str]:
         token = self._settings.influx_token
@@ -323,8 +414,6 @@ class InfluxClient:
         the database or bucket (v1: 204; v2 and v3: 400 "no data", which means the same).
         Returns a one-line summary; raises ``CheckError`` with a message per problem.
         """
-        from ha_ingestor.checks import CheckError
-
         try:
             if self.api is not None:
                 _, self.version = await self.ping()  # reachable? (and which version)
@@ -366,7 +455,13 @@ class InfluxClient:
                 detail = f"{what} {self.target!r} or organisation {settings.influx_org!r} not found"
             if created is not None and created.outcome != Outcome.OK:
                 detail += f", and creating it failed ({created.describe()})"
-            return f"{prefix}: {detail} (HTTP 404): {result.message}".rstrip(": ")
+            text = f"{prefix}: {detail} (HTTP 404): {result.message}".rstrip(": ")
+            if api == InfluxApi.V2:
+                text += (
+                    " — set HA_INGESTOR_INFLUX_BUCKET to an existing bucket"
+                    " (and HA_INGESTOR_INFLUX_ORG to its organisation)"
+                )
+            return text
         if result.outcome == Outcome.RETRY:
             return f"{prefix}: write failed ({result.describe()})"
         return f"{prefix}: write refused ({result.describe()})"
@@ -389,8 +484,3 @@ def _means_no_data(message: str) -> bool:
     return not lowered or any(
         words in lowered for words in ("empty", "requires points", "no data", "no points")
     )
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

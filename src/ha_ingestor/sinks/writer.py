@@ -6,10 +6,14 @@ Per DESIGN §5, by the :class:`~ha_ingestor.sinks.influxdb.Outcome` of each requ
 - ``retryable`` (429, 5xx, timeouts, refused connections): the same batch is sent again after a
   capped exponential backoff with full jitter, or after ``Retry-After`` if that is longer.
   Nothing is dropped, however long it takes.
-- ``rejected`` (400/422): the batch is bisected until the bad lines are isolated; the good lines
-  are stored and each bad line goes to the dead-letter file with the server's reason.
+- ``partial`` (InfluxDB 3: the good lines are stored, the bad ones listed by number) and
+  ``rejected`` (400/422): settled from the answer in one round trip where it names the lines
+  (:mod:`~ha_ingestor.sinks.partial_writes`): stored lines are not sent again, refused lines go
+  to the dead-letter file with the server's reason, lines that hit a limit are kept. Otherwise
+  the batch is bisected until the bad lines are isolated.
 - ``too_large`` (413): the batch is split in halves, recursively.
-- ``auth`` (401/403), ``config`` (a wrong organisation or retention policy) and ``not_found``
+- ``auth`` (401/403), ``config`` (a wrong organisation or retention policy), ``limit`` (InfluxDB
+  3's column, table or database limit, a deleted database) and ``not_found``
   (404; on v1 the database is created first and the write retried at once): the batch is kept,
   the connection is marked failed (not ready), an error is logged once per ``auth_log_interval``
   and the write is retried with the same slow backoff — a fixed token resumes writing without
@@ -26,11 +30,12 @@ import asyncio
 import time
 from operator import methodcaller
 
+from ha_ingestor.backoff import Backoff
 from ha_ingestor.config import InfluxApi, Settings
 from ha_ingestor.pipeline.buffer import Batch, Buffer
 from ha_ingestor.sinks.dead_letter import DEAD_LETTER_FILE, DeadLetterFile
 from ha_ingestor.sinks.influxdb import InfluxClient, InfluxUnavailableError, Outcome, WriteResult
-from ha_ingestor.sources.backoff import Backoff
+from ha_ingestor.sinks.partial_writes import Settlement, settle
 from ha_ingestor.telemetry import ConnState, Telemetry
 
 __all__ = ["MEASUREMENTS", "TARGET", "InfluxWriter", "count_measurements"]
@@ -40,7 +45,7 @@ TARGET = "influxdb"
 MEASUREMENTS = ("mqtt_message", "ha_state", "ha_event")
 # Per measurement, a C-level "does this line start with its name and a separator" test.
 _STARTS_WITH = {m: methodcaller("startswith", (m + ",", m + " ")) for m in MEASUREMENTS}
-_REFUSED = (Outcome.AUTH, Outcome.CONFIG, Outcome.NOT_FOUND)
+_REFUSED = (Outcome.AUTH, Outcome.CONFIG, Outcome.NOT_FOUND, Outcome.LIMIT)
 
 
 def count_measurements(lines: list[str]) -> dict[str, int]:
@@ -182,9 +187,9 @@ class InfluxWriter:
         telemetry = self._telemetry
         metrics = telemetry.metrics
         client = self._client
-        body = "\n".join(lines).encode()
         created = False
-        while True:
+        while lines:
+            body = "\n".join(lines).encode()
             started = time.perf_counter()
             result = await client.write(body)
             metrics.write_duration.observe(time.perf_counter() - started)
@@ -193,13 +198,17 @@ class InfluxWriter:
             if outcome == Outcome.OK:
                 backoff.reset()
                 telemetry.set_state(TARGET, ConnState.CONNECTED)
-                for measurement, count in count_measurements(lines).items():
-                    metrics.points_written.labels(measurement).inc(count)
+                self._count_written(lines)
                 return
             metrics.write_errors.labels(outcome.value).inc()
-            if outcome in (Outcome.REJECTED, Outcome.TOO_LARGE):
+            if outcome in (Outcome.PARTIAL, Outcome.REJECTED):
+                settlement = settle(lines, result)
+                if settlement is not None:
+                    lines = await self._apply(settlement, result, backoff)
+                    continue
+            if outcome in (Outcome.PARTIAL, Outcome.REJECTED, Outcome.TOO_LARGE):
                 if len(lines) == 1:
-                    await self._dead_letter(lines, result, backoff)
+                    await self._dead_letter(lines, result.describe(), backoff)
                     return
                 middle = len(lines) // 2
                 await self._write(lines[:middle], backoff)
@@ -213,9 +222,33 @@ class InfluxWriter:
                     continue
             await self._wait_after(result, backoff)
 
+    async def _apply(
+        self, settlement: Settlement, result: WriteResult, backoff: Backoff
+    ) -> list[str]:
+        """Count what is stored, dead-letter what is refused; the lines still to write."""
+        if settlement.stored:
+            self._count_written(settlement.stored)
+        by_reason: dict[str, list[str]] = {}
+        for line, reason in settlement.refused:
+            by_reason.setdefault(reason, []).append(line)
+        for reason, refused in by_reason.items():
+            await self._dead_letter(refused, reason, backoff)
+        if settlement.kept:
+            # A limit of the server: a configuration problem, not bad lines. Keep them.
+            limit = next(e.message for e in result.line_errors if e.is_limit)
+            await self._wait_after(WriteResult(Outcome.LIMIT, result.status, limit), backoff)
+        return settlement.kept + settlement.resend
+
+    def _count_written(self, lines: list[str]) -> None:
+        metrics = self._telemetry.metrics
+        for measurement, count in count_measurements(lines).items():
+            metrics.points_written.labels(measurement).inc(count)
+
     async def _wait_after(self, result: WriteResult, backoff: Backoff) -> None:
         telemetry = self._telemetry
         detail = result.describe()
+        if result.outcome == Outcome.LIMIT:
+            detail = f"InfluxDB limit reached, lines kept and retried ({detail})"
         if result.outcome in _REFUSED:
             self._log_refusal(result)
             telemetry.set_state(TARGET, ConnState.FAILED, error=detail)
@@ -247,9 +280,8 @@ class InfluxWriter:
         )
         self._refusals_since_log = 0
 
-    async def _dead_letter(self, lines: list[str], result: WriteResult, backoff: Backoff) -> None:
+    async def _dead_letter(self, lines: list[str], reason: str, backoff: Backoff) -> None:
         telemetry = self._telemetry
-        reason = result.describe()
         while True:
             try:
                 await self.dead_letters.add(lines, reason)

@@ -31,6 +31,8 @@ from typing import Any, NoReturn, Self
 import aiohttp
 import orjson
 
+from ha_ingestor.errors import describe
+
 Events = list[dict[str, Any]]
 
 
@@ -207,8 +209,3 @@ class HomeAssistantClient:
                 raise ConnectionError(
                     f"no pong within {self._ping_timeout:g} s: connection presumed dead"
                 ) from None
-
-
-def describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

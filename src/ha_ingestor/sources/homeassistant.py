@@ -30,28 +30,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import ssl
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 
+from ha_ingestor.backoff import Backoff
 from ha_ingestor.config import Settings
+from ha_ingestor.errors import describe
+from ha_ingestor.line_protocol import encode_point
 from ha_ingestor.pipeline.buffer import Buffer, Checkpoints
+from ha_ingestor.pipeline.columns import ColumnBudget
 from ha_ingestor.pipeline.ha_backfill import HistoryBackfill, LiveProbe
 from ha_ingestor.pipeline.ha_events import EntityFilter, Mapper, format_time_ns, parse_time_ns
-from ha_ingestor.sinks.line_protocol import encode_point
-from ha_ingestor.sources.backoff import Backoff
 from ha_ingestor.sources.ha_client import (
     AuthInvalidError,
     CommandError,
     Events,
     HomeAssistantClient,
-    describe,
 )
 from ha_ingestor.sources.ha_registry import REGISTRY_EVENTS, Registries
 from ha_ingestor.telemetry import ConnState, Telemetry
+from ha_ingestor.tls import ha_tls_context
 
 TARGET = "homeassistant"
 CHECKPOINT_KEY = "homeassistant.last_event"
@@ -74,6 +75,7 @@ class HomeAssistantSource:
         session: aiohttp.ClientSession,
         checkpoints: Checkpoints,
         on_instance: Callable[[str], None] | None = None,
+        columns: ColumnBudget | None = None,
     ) -> None:
         if settings.ha_url is None or settings.ha_token is None:
             raise ValueError("HA_INGESTOR_HA_URL and HA_INGESTOR_HA_TOKEN are both needed")
@@ -91,6 +93,8 @@ class HomeAssistantSource:
             entity_filter=EntityFilter(settings.ha_include_entities, settings.ha_exclude_entities),
             exclude_event_types=frozenset(settings.ha_exclude_event_types),
             entity_info=self._registries.info,
+            state_fields_always=frozenset(settings.ha_state_fields_always),
+            columns=columns,
         )
         self._backfill = HistoryBackfill(
             self._call,
@@ -168,16 +172,6 @@ class HomeAssistantSource:
             self._handle(self._events.popleft())
         self._queue_depth.set(0)
 
-    def _ssl(self) -> ssl.SSLContext | bool:
-        settings = self._settings
-        context = ssl.create_default_context(
-            cafile=str(settings.ha_ca_file) if settings.ha_ca_file else None
-        )
-        if settings.ha_tls_insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
-
     async def _connection(self) -> None:
         """One connection, from connect to close. Returns never: raises why it ended."""
         self.connection_attempts += 1
@@ -188,7 +182,7 @@ class HomeAssistantSource:
             settings.ha_url,
             settings.ha_token.get_secret_value(),
             self._session,
-            ssl_context=self._ssl() if settings.ha_url.startswith("https://") else True,
+            ssl_context=ha_tls_context(settings),
             call_timeout=_CALL_TIMEOUT,
             ping_interval=settings.ha_ping_interval,
             ping_timeout=settings.ha_ping_timeout,

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import hashlib
 import re
-import ssl
 import time
 from collections import OrderedDict
 from typing import Any
@@ -24,13 +23,15 @@ from typing import Any
 import gmqtt
 from gmqtt.mqtt.constants import MQTTv50, MQTTv311
 
+from ha_ingestor.backoff import Backoff
 from ha_ingestor.config import Settings
+from ha_ingestor.errors import describe
 from ha_ingestor.pipeline.buffer import Buffer
 from ha_ingestor.pipeline.mqtt_discovery import DiscoveryMap
 from ha_ingestor.pipeline.mqtt_messages import MqttMessageEncoder
-from ha_ingestor.sources.backoff import Backoff
 from ha_ingestor.sources.mqtt_fast_path import PublishFastPath
 from ha_ingestor.telemetry import ConnState, Telemetry
+from ha_ingestor.tls import mqtt_tls_context
 
 TARGET = "mqtt"
 _CONNECT_TIMEOUT = 10.0
@@ -176,7 +177,7 @@ class MqttSource:
                 raise
             except Exception as exc:
                 await _close(client)
-                telemetry.set_state(TARGET, ConnState.RECONNECTING, error=_describe(exc))
+                telemetry.set_state(TARGET, ConnState.RECONNECTING, error=describe(exc))
                 await asyncio.sleep(backoff.next_delay())
                 continue
             backoff.reset()
@@ -214,7 +215,7 @@ class MqttSource:
     async def _connect(self, client: Any) -> None:
         settings = self._settings
         self._disconnected.clear()
-        ssl_context = _ssl_context(settings) if settings.mqtt_tls else False
+        ssl_context = mqtt_tls_context(settings) if settings.mqtt_tls else False
         version = self._protocol
         fast_path = PublishFastPath(client, self._on_publish, self._publish_failed)
         fast_path.install_handler()
@@ -273,7 +274,7 @@ class MqttSource:
 
     def _publish_failed(self, exc: Exception) -> None:
         self._telemetry.dropped("unhandled_message", intentional=False)
-        self._telemetry.error(TARGET, "mqtt message not handled", error=_describe(exc))
+        self._telemetry.error(TARGET, "mqtt message not handled", error=describe(exc))
 
     def _invalid(self, reason: str, topic: str) -> None:
         self._telemetry.invalid(TARGET, reason, topic=topic)
@@ -376,20 +377,3 @@ class MqttSource:
 async def _close(client: Any) -> None:
     with contextlib.suppress(Exception):  # the connection is being dropped anyway
         await asyncio.wait_for(client.disconnect(), 2.0)
-
-
-def _ssl_context(settings: Settings) -> ssl.SSLContext:
-    context = ssl.create_default_context(
-        cafile=str(settings.mqtt_ca_file) if settings.mqtt_ca_file else None
-    )
-    if settings.mqtt_cert_file and settings.mqtt_key_file:
-        context.load_cert_chain(str(settings.mqtt_cert_file), str(settings.mqtt_key_file))
-    if settings.mqtt_tls_insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if str(exc) else text

@@ -16,8 +16,7 @@ from hypothesis import strategies as st
 from influxdb_client.client.write.point import DEFAULT_WRITE_PRECISION
 from influxdb_client.client.write.point import Point as OraclePoint
 
-from ha_ingestor.record import FieldValue, Point
-from ha_ingestor.sinks.line_protocol import (
+from ha_ingestor.line_protocol import (
     encode_fields,
     encode_line,
     encode_point,
@@ -26,8 +25,10 @@ from ha_ingestor.sinks.line_protocol import (
     escape_string,
     escape_tag,
     format_field_value,
+    parse_line,
     series_key,
 )
+from ha_ingestor.record import FieldValue, Point
 from tests.support.servers import InfluxDB1
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
@@ -71,11 +72,13 @@ def test_tag_and_field_key_escaping(text: str, expected: str) -> None:
 @pytest.mark.parametrize(
     ("text", "tag", "field_key"),
     [
-        ("back\\,comma", "back\\\\,comma", "back\uff3c\\,comma"),
-        ("back\\ space", "back\\\\ space", "back\uff3c\\ space"),
-        ("back\\=equals", "back\\\\=equals", "back\uff3c\\=equals"),
+        ("back\\,comma", "back\uff3c\\,comma", "back\uff3c\\,comma"),
+        ("back\\ space", "back\uff3c\\ space", "back\uff3c\\ space"),
+        ("back\\=equals", "back\uff3c\\=equals", "back\uff3c\\=equals"),
         ('back\\"quote', 'back\\"quote', 'back\uff3c"quote'),
-        ("two\\\\,", "two\\\\\\,", "two\\\uff3c\\,"),
+        ("two\\\\,", "two\uff3c\uff3c\\,", "two\uff3c\uff3c\\,"),
+        ("one\\b", "one\\b", "one\\b"),
+        ("new\\\nline", "new\uff3c\\nline", "new\uff3c\\nline"),
     ],
 )
 def test_backslash_before_a_special_character(text: str, tag: str, field_key: str) -> None:
@@ -90,7 +93,7 @@ def test_backslash_before_a_special_character(text: str, tag: str, field_key: st
         ("with space,comma", "with\\ space\\,comma"),
         ("a=b", "a=b"),  # '=' needs no escape in a measurement
         ("x\\", "x\uff3c"),
-        ('x\\,y\\ z\\=\\"\\\\a', 'x\uff3c\\,y\uff3c\\ z\uff3c=\uff3c"\\\\a'),
+        ('x\\,y\\ z\\=\\"\\\\a', 'x\uff3c\\,y\uff3c\\ z\uff3c=\uff3c"\uff3c\\a'),
         ("a#b", "a#b"),
         ("line\nbreak\ttab", "line\\nbreak\\ttab"),
     ],
@@ -186,7 +189,9 @@ def test_a_point_without_writable_fields_is_refused() -> None:
 # - it escapes a carriage return as "\r", which InfluxDB stores as two characters;
 # - it does not handle a trailing backslash in measurement and keys, nor one before ",", "=",
 #   " " or '"' in a measurement or field key (the line breaks or is misread), and turns one at
-#   the end of a tag value into "\ " (stored as a space);
+#   the end of a tag value into "\ " (stored as a space); a backslash before another one, or
+#   before ",", "=", a space, a newline or a tab, which InfluxDB 3 reads differently from 1.x,
+#   is written as U+FF3C here;
 # - it writes an empty field key (an invalid line) and only warns about a measurement starting
 #   with "#" (a comment line);
 # - it trims ".0" from integral floats ("1" instead of "1.0"); both parse to the same float.
@@ -198,7 +203,7 @@ oracle_name = (
         min_size=1,
         max_size=12,
     )
-    .filter(lambda s: not s.endswith("\\"))
+    .filter(lambda s: not re.search(r"\\(?=[\\,= \n\t]|\Z)", s))
     .map(lambda s: s.replace("\r", ""))
 )
 oracle_values = st.one_of(
@@ -260,14 +265,14 @@ def test_string_values_match_the_official_client(text: str) -> None:
 
 # --- round trips through a real InfluxDB 1.6.7 -----------------------------------------------
 def stored_name(text: str) -> str:
-    """What InfluxDB stores for a tag key or tag value written from ``text``."""
-    text = text.replace("\n", "\\n").replace("\t", "\\t")
-    return text[:-1] + "\uff3c" if text.endswith("\\") else text
+    """What InfluxDB (any version) stores for a tag key or tag value written from ``text``."""
+    text = re.sub(r"\\(?=[\\,= \n\t]|\Z)", "\uff3c", text)
+    return text.replace("\n", "\\n").replace("\t", "\\t")
 
 
 def stored_key(text: str) -> str:
-    """What InfluxDB stores for a measurement or field key written from ``text``."""
-    return stored_name(re.sub(r'\\(?=[,= "]|\Z)', "\uff3c", text))
+    """What InfluxDB (any version) stores for a measurement or field key written from ``text``."""
+    return stored_name(re.sub(r'\\(?=[\\,= "\n\t]|\Z)', "\uff3c", text))
 
 
 @dataclass
@@ -418,8 +423,37 @@ def test_awkward_points_round_trip_exactly_through_a_real_influxdb(
         "n": "integer",
         "b": "boolean",
     }
-    # Backslashes and carriage returns are stored exactly, without any mapping:
+    # A backslash before an ordinary character and carriage returns are stored exactly; one
+    # that InfluxDB 3 would read as an escape is stored as U+FF3C on every version:
     assert by_index["4"].tags["tag back\\slash"] == "back\\slash"
-    assert by_index["5"].tags["tag back\\,slash before comma"] == "back\\,slash before comma"
-    assert by_index["6"].tags["tag double\\\\backslash"] == "double\\\\backslash"
+    assert (
+        by_index["5"].tags["tag back\uff3c,slash before comma"] == "back\uff3c,slash before comma"
+    )
+    assert by_index["6"].tags["tag double\uff3c\\backslash"] == "double\uff3c\\backslash"
     assert by_index["12"].tags["tag carriage\rreturn"] == "carriage\rreturn"
+
+
+# --- what InfluxDB 3 reads ---------------------------------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(
+    measurement=awkward_text.filter(lambda s: s and not s.startswith("#")),
+    tags=st.dictionaries(awkward_text, awkward_text, max_size=4),
+    fields=st.dictionaries(awkward_text.filter(bool), awkward_text, min_size=1, max_size=4),
+)
+def test_influxdb_3_reads_the_names_influxdb_1_stores(
+    measurement: str, tags: dict[str, str], fields: dict[str, FieldValue]
+) -> None:
+    """One encoding for every API: InfluxDB 3's reading (``\\\\`` is an escape there, any other
+    backslash is kept) gives the names the round trips above find stored in InfluxDB 1.6.7."""
+    line = encode_point(Point(measurement, tags, fields, 1))
+    read = parse_line(line, v3=True)
+    assert read == parse_line(line)
+    assert read.measurement == stored_key(measurement)
+    assert read.tags == {stored_name(k): stored_name(v) for k, v in tags.items() if k and v}
+    assert set(read.fields) == {stored_key(k) for k in fields}
+    assert read.time_ns == 1
+
+
+def test_influxdb_3_unescapes_double_backslashes_where_1x_keeps_them() -> None:
+    assert parse_line("m,t=a\\\\\\\\b f=1 1", v3=True).tags == {"t": "a\\\\b"}
+    assert parse_line("m,t=a\\\\\\\\b f=1 1").tags == {"t": "a\\\\\\\\b"}

@@ -2,7 +2,7 @@ r"""InfluxDB line protocol, escaped so that InfluxDB stores exactly the text it 
 
 ``measurement[,tag_key=tag_value...] field_key=field_value[,...] timestamp``
 
-Rules (each verified against a real InfluxDB 1.6.7 by ``tests/sinks``):
+Rules (each verified against a real InfluxDB 1.6.7 by ``tests/test_line_protocol.py``):
 
 - Measurement: ``,`` and space are escaped with a backslash. Tag keys, tag values and field
   keys: ``,``, ``=`` and space are escaped. Tags are sorted by key (InfluxDB's preferred order)
@@ -21,15 +21,14 @@ closest text InfluxDB can store (for newlines and tabs, the official client's ru
 
 - A newline or a tab becomes the two characters ``\n`` / ``\t`` (a raw newline ends the line;
   a raw tab is a separator to InfluxDB 3). A carriage return is kept (all versions store it).
-- A backslash is written as it is: InfluxDB 1.x and 2.x read only ``\,``, ``\=`` and ``\ `` as
-  escapes and store any other backslash literally (``a\\b`` is stored as two backslashes).
-  A *trailing* backslash would escape the separator after it, so it becomes U+FF3C (FULLWIDTH
-  REVERSE SOLIDUS). So does, in a measurement or field key, a backslash right before ``,``,
-  ``=``, a space or ``"``: InfluxDB 1.x reads those names in backslash pairs (and unescapes
-  measurements twice), so no escaped form of it is stored as written. Tag keys and values keep
-  such a backslash exactly. InfluxDB 3 also reads ``\\`` as one backslash: there, text with
-  two adjacent backslashes, or with a backslash right before ``,``, ``=`` or a space, is stored
-  differently.
+- A backslash before an ordinary character is written as it is: every version stores it
+  literally. A backslash that some version would read as part of an escape — at the end, or
+  before another backslash, ``,``, ``=``, a space, or a newline or tab (written ``\n``/``\t``),
+  and in a measurement or field key also before ``"`` — becomes U+FF3C (FULLWIDTH REVERSE
+  SOLIDUS): InfluxDB 1.x and 2.x read only ``\,``, ``\=`` and ``\ `` as escapes (and 1.x
+  reads measurement and field keys in backslash pairs), InfluxDB 3 also ``\\``, and a trailing
+  one escapes the separator after it. So a line means the same text to every version: the
+  spool holds lines before the API is known, and a database may move from 1.x to 3.
 - A measurement may not start with ``#`` (InfluxDB would skip the line as a comment) and may not
   be empty: :func:`escape_measurement` raises ``ValueError``.
 
@@ -41,11 +40,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from math import isfinite as _isfinite
 
 from ha_ingestor.record import FieldValue, Point
 
 __all__ = [
+    "ParsedLine",
     "encode_fields",
     "encode_line",
     "encode_point",
@@ -53,14 +54,18 @@ __all__ = [
     "escape_measurement",
     "escape_string",
     "escape_tag",
+    "field_type",
     "format_field_value",
+    "parse_line",
     "series_key",
 ]
 
 _TRAILING_BACKSLASH = "\uff3c"
-# A backslash InfluxDB 1.x would read as the start of an escape pair in a measurement or field
-# key: before ",", "=", " ", '"', or at the end.
-_PAIRED_BACKSLASH = re.compile(r'\\(?=[,= "]|\Z)')
+# A backslash some version would read as the start of an escape: in a measurement or field key
+# before "\", ",", "=", " ", '"', a newline or a tab, or at the end; in a tag key or value the
+# same except '"'.
+_PAIRED_BACKSLASH = re.compile(r'\\(?=[\\,= "\n\t]|\Z)')
+_TAG_BACKSLASH = re.compile(r"\\(?=[\\,= \n\t]|\Z)")
 _INT_MIN = -(2**63)
 _INT_MAX = 2**63 - 1
 
@@ -85,6 +90,8 @@ def escape_measurement(name: str) -> str:
 
 def escape_tag(text: str) -> str:
     """A tag key or tag value."""
+    if "\\" in text:
+        text = _TAG_BACKSLASH.sub(_TRAILING_BACKSLASH, text)
     if "," in text:
         text = text.replace(",", "\\,")
     if "=" in text:
@@ -95,14 +102,12 @@ def escape_tag(text: str) -> str:
         text = text.replace("\n", "\\n")
     if "\t" in text:
         text = text.replace("\t", "\\t")
-    if text and text[-1] == "\\":
-        text = text[:-1] + _TRAILING_BACKSLASH
     return text
 
 
 def escape_field_key(key: str) -> str:
-    """A field key. As :func:`escape_tag`, except that a backslash right before ``,``, ``=``,
-    a space or ``"`` also becomes U+FF3C (see the module docstring)."""
+    """A field key. As :func:`escape_tag`, except that a backslash right before ``"`` also
+    becomes U+FF3C (see the module docstring)."""
     if "\\" in key:
         key = _PAIRED_BACKSLASH.sub(_TRAILING_BACKSLASH, key)
     return escape_tag(key)
@@ -188,3 +193,120 @@ def encode_point(point: Point) -> str:
     if not fields:
         raise ValueError(f"point of {point.measurement!r} has no field that can be written")
     return f"{series_key(point.measurement, point.tags)} {fields} {point.time_ns}"
+
+
+# --- reading lines back (the writer settling partial writes, tests) -----------------------------
+@dataclass(frozen=True, slots=True)
+class ParsedLine:
+    """One line split into its parts; field values as written (``1.5``, ``2i``, ``"text"``)."""
+
+    measurement: str
+    tags: dict[str, str]
+    fields: dict[str, str]
+    time_ns: int | None
+
+
+def field_type(raw: str) -> str:
+    """InfluxDB's name for the type of a field value as written: float, integer, unsigned,
+    string or boolean."""
+    if raw[:1] == '"':
+        return "string"
+    if raw in ("t", "T", "true", "True", "TRUE", "f", "F", "false", "False", "FALSE"):
+        return "boolean"
+    if raw[-1:] == "i":
+        return "integer"
+    if raw[-1:] == "u":
+        return "unsigned"
+    return "float"
+
+
+def parse_line(line: str, *, v3: bool = False) -> ParsedLine:
+    """Split a line as InfluxDB reads it. ``v3``: InfluxDB 3's rule, where ``\\\\`` is one
+    backslash in names and tag values (1.x and 2.x keep both). Raises ValueError."""
+    end = _scan(line, 0, " ")
+    series = line[:end]
+    if not series or end >= len(line):
+        raise ValueError("expected 'measurement[,tags] fields [time]'")
+    parts = []
+    start = 0
+    while True:  # measurement, then tag pairs, at unescaped commas
+        comma = _scan(series, start, ",")
+        parts.append(series[start:comma])
+        if comma >= len(series):
+            break
+        start = comma + 1
+    measurement = _unescape(parts[0], v3)
+    tags: dict[str, str] = {}
+    for pair in parts[1:]:
+        equals = _scan(pair, 0, "=")
+        if equals >= len(pair):
+            raise ValueError(f"tag {pair!r} has no '='")
+        tags[_unescape(pair[:equals], v3)] = _unescape(pair[equals + 1 :], v3)
+    fields: dict[str, str] = {}
+    index = end + 1
+    while True:
+        equals = _scan(line, index, "=")
+        key = line[index:equals]
+        if not key or equals >= len(line):
+            raise ValueError("a field needs a key and '='")
+        index = equals + 1
+        if line[index : index + 1] == '"':
+            value_end = _string_end(line, index)
+        else:
+            value_end = min(_scan(line, index, ","), _scan(line, index, " "))
+        value = line[index:value_end]
+        if not value:
+            raise ValueError(f"field {key!r} has no value")
+        fields[_unescape(key, v3)] = value
+        index = value_end
+        if index >= len(line) or line[index] == " ":
+            break
+        index += 1  # the comma before the next field
+    stamp = line[index + 1 :] if index < len(line) else ""
+    return ParsedLine(measurement, tags, fields, int(stamp) if stamp else None)
+
+
+def _scan(text: str, start: int, separator: str) -> int:
+    """Index of the first ``separator`` at or after ``start`` not escaped by a backslash
+    (``len(text)`` when there is none)."""
+    index = start
+    while index < len(text):
+        char = text[index]
+        if char == "\\":
+            index += 2
+            continue
+        if char == separator:
+            return index
+        index += 1
+    return len(text)
+
+
+def _string_end(line: str, start: int) -> int:
+    """Index just after the closing quote of the string value opening at ``start``."""
+    index = start + 1
+    while index < len(line):
+        char = line[index]
+        if char == "\\":
+            index += 2
+            continue
+        if char == '"':
+            return index + 1
+        index += 1
+    raise ValueError("unterminated string")
+
+
+def _unescape(text: str, v3: bool) -> str:
+    if "\\" not in text:
+        return text
+    escapable = ",= \\" if v3 else ",= "
+    out: list[str] = []
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if char == "\\" and index + 1 < len(text) and text[index + 1] in escapable:
+            out.append(text[index + 1])
+            index += 2
+            continue
+        out.append(char)
+        index += 1
+    return "".join(out)
