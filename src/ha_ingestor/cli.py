@@ -14,6 +14,7 @@ from ha_ingestor.telemetry import configure_logging
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,7 +84,15 @@ def _import(args: argparse.Namespace, settings: Settings) -> int:
     except ImportOptionError as exc:
         print(f"ha-ingestor import: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    return asyncio.run(run_import(settings, options))
+    try:
+        return asyncio.run(run_import(settings, options))
+    except KeyboardInterrupt:
+        # What was read is durable (the spool commits on the way out), checkpoints with it.
+        print(
+            "ha-ingestor import: interrupted; rerun with the same options to continue",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
 
 
 def main(argv: Sequence[str] | None = None) -> int:

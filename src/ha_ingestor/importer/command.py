@@ -341,11 +341,7 @@ async def _import(
         entity_info=registries.info,
     )
     statistics_mapper = StatisticsMapper(instance=instance, static_tags=settings.tags)
-    sink: Sink = (
-        CountingSink()
-        if options.dry_run
-        else BufferSink(buffer, telemetry, high_water_bytes=settings.spool_max_bytes // 2)
-    )
+    sink: Sink = CountingSink() if options.dry_run else BufferSink(buffer, telemetry)
     importer = Importer(
         client.call, mapper, statistics_mapper, sink, checkpoints, progress, telemetry
     )

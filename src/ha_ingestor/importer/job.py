@@ -46,16 +46,19 @@ LIST_STATISTIC_IDS = "recorder/list_statistic_ids"
 STATES_PHASE = "states"
 ACTIVE_KEY = "import.active"
 ENTITY_BATCH = 200  # entity ids per history request
-STATISTIC_BATCH = 100  # statistic ids per statistics request
+STATISTIC_BATCH = 10  # statistic ids per statistics request: about 7,200 rows per answer
 _MINUTE_NS = 60 * 1_000_000_000
 _HOUR_NS = 60 * _MINUTE_NS
 _DAY_NS = 24 * _HOUR_NS
 MIN_WINDOW_NS = 5 * _MINUTE_NS
 MAX_WINDOW_NS = 7 * _DAY_NS
 _FIRST_WINDOW_NS = _HOUR_NS
-#: A history answer this fast and this small lets the next window double; slower or larger halves it.
+#: A history answer this fast and this small lets the next window double; slower or larger halves
+#: it. The row bound keeps one answer's decoded rows (attributes included) to a few MB.
 _FAST_S, _SLOW_S = 1.0, 4.0
-_SMALL_ROWS, _LARGE_ROWS = 10_000, 40_000
+_SMALL_ROWS, _LARGE_ROWS = 2_500, 10_000
+#: Unwritten lines above which reading pauses until the writer has caught up to half of it.
+MAX_UNWRITTEN_LINES = 20_000
 #: Statistics windows: about 720 rows per statistic and request.
 STATISTICS_WINDOW_NS = {"hour": 30 * _DAY_NS, "5minute": 2 * _DAY_NS + 12 * _HOUR_NS}
 STATISTIC_TYPES = ["mean", "min", "max", "sum", "state"]
@@ -151,28 +154,30 @@ class BufferSink:
     unencodable point is counted, logged and left out — the rest goes on.
 
     An import reads far faster than InfluxDB may take it, or InfluxDB may be down: above
-    ``high_water_bytes`` unwritten, reading pauses until the writer has brought the spool
-    down to half of that, so the spool's size cap (and its overflow policy) is never reached
-    by the import itself."""
+    ``max_unwritten`` lines not yet written, reading pauses until the writer has brought them
+    down to half of that. Memory stays flat however long the history, and the spool's size cap
+    (and its overflow policy) is never reached by the import itself."""
 
     def __init__(
-        self, buffer: Buffer, telemetry: Telemetry, high_water_bytes: int | None = None
+        self, buffer: Buffer, telemetry: Telemetry, max_unwritten: int = MAX_UNWRITTEN_LINES
     ) -> None:
         self.counts = Counts()
         self._buffer = buffer
         self._telemetry = telemetry
-        self._high_water = high_water_bytes
+        self._max_unwritten = max_unwritten
         self._last: asyncio.Future[None] | None = None
         self._pending: list[asyncio.Future[None]] = []
 
     async def _wait_for_writer(self) -> None:
-        high = self._high_water
-        if high is None or self._buffer.depth()[1] < high:
+        high = self._max_unwritten
+        if self._buffer.depth()[0] < high:
             return
-        self._telemetry.log.info("import waiting for InfluxDB", unwritten_bytes=high)
+        self._telemetry.warn_throttled(
+            "import-waiting", 30, "import waiting for InfluxDB", unwritten_lines=high
+        )
         # Polling: the buffer has no event for "drained below a size".
-        while self._buffer.depth()[1] > high // 2:  # noqa: ASYNC110
-            await asyncio.sleep(0.2)
+        while self._buffer.depth()[0] > high // 2:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
 
     async def put(self, key: str, point: Point) -> None:
         try:
@@ -189,7 +194,7 @@ class BufferSink:
             await buffer.wait_for_room()
             await self._wait_for_writer()
         accepted = buffer.add(line)
-        if self.counts.points % 1000 == 0:
+        if self.counts.points % 500 == 0:
             await self._wait_for_writer()
         if accepted is not self._last:
             self._last = accepted
@@ -351,17 +356,21 @@ class Importer:
             for batch in batches(entities, ENTITY_BATCH):
                 # Both bounds are exclusive in the recorder's query: ending 1 µs after the
                 # window's end reads a row exactly on it once, in this window.
-                history = await self._call(
-                    HISTORY,
-                    start_time=format_time_ns(start),
-                    end_time=format_time_ns(end + 1000),
-                    entity_ids=batch,
-                    include_start_time_state=first,
-                    significant_changes_only=False,
-                    minimal_response=False,
-                    no_attributes=False,
-                )
-                rows += await self._store_history(history or {}, start, previous)
+                payload: dict[str, Any] = {
+                    "start_time": format_time_ns(start),
+                    "end_time": format_time_ns(end + 1000),
+                    "entity_ids": batch,
+                    "include_start_time_state": first,
+                    "significant_changes_only": False,
+                    "minimal_response": False,
+                    "no_attributes": False,
+                }
+                asked = self._clock()
+                history = await self._call(HISTORY, **payload)
+                answered = self._clock() - asked
+                stored = await self._store_history(history or {}, start, previous)
+                rows += stored
+                self._log.debug("history window", rows=stored, seconds=answered, **payload)
             first = False
             span.done_ns = end
             await self._record(STATES_PHASE, span)
@@ -419,7 +428,9 @@ class Importer:
                     }
                     if unit_class is not None and unit is not None:
                         payload["units"] = {unit_class: unit}  # no conversion: the stored unit
+                    asked = self._clock()
                     answer = await self._call(STATISTICS_DURING_PERIOD, **payload)
+                    self._log.debug("statistics window", seconds=self._clock() - asked, **payload)
                     for statistic_id, statistic_rows in (answer or {}).items():
                         known = by_id.get(statistic_id)
                         if known is None:
