@@ -1,22 +1,23 @@
 """``ha-ingestor import`` throughput against the real Home Assistant and InfluxDB 1.x.
 
-    .venv/bin/python -m bench.history_import [--entities-small 10] [--entities-large 100]
-        [--per-entity 1000] [--statistics 50] [--days 60]
+    .venv/bin/python -m bench.history_import [--entities 100] [--sizes 100,500,1000]
+        [--statistics 50] [--days 60]
 
-Seeding. A history of 110,000 state changes cannot come through Home Assistant's REST API in
+Seeding. A history of 160,000 state changes cannot come through Home Assistant's REST API in
 reasonable time (~550 changes/s here), so the bench lets Home Assistant create its recorder
 database (schema and migrations are its own), stops it, and writes rows straight into that
-database with the columns the schema has: ``states_meta``/``state_attributes``/``states`` for a
-small (10 entities x 1,000 = 10k changes) and a large (100 x 1,000 = 100k) set of sensors
-spread over the last 8 days, and ``statistics_meta``/``statistics`` for hourly long-term
+database with the columns the schema has: ``states_meta``/``state_attributes``/``states`` for
+sets of 100 sensors with 100, 500 and 1,000 changes each (10k, 50k and 100k state changes),
+each set spread over the last 8 days, and ``statistics_meta``/``statistics`` for hourly long-term
 statistics (50 x 60 days = 72,000 rows). Home Assistant is started again and each seeded entity
 gets one current state through REST, so that it is known to Home Assistant (the import asks
 for the history of the entities Home Assistant knows); a ``recorder_runs`` row from before the
 seeded span stands for the recorder having run then (Home Assistant answers a window only if so).
 
 Measured, in the same run:
-- the import (a child process, as users run it) of each set: states/s (and statistics rows/s),
-  wall time to the last point written, peak RSS (VmHWM);
+- the import (a child process, as users run it) of each set: states/s (statistics rows/s),
+  wall time to the last point written, and peak RSS (VmHWM) — flat as the history grows
+  (10k → 50k → 100k);
 - the bound: the same ``history/history_during_period`` and
   ``recorder/statistics_during_period`` requests the import made (read from its debug log),
   replayed by a bare WebSocket client that only waits for each answer — Home Assistant's own
@@ -280,66 +281,53 @@ async def replay(ha: HomeAssistant, requests: list[tuple[str, dict[str, Any]]]) 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--entities-small", type=int, default=10)
-    parser.add_argument("--entities-large", type=int, default=100)
-    parser.add_argument("--per-entity", type=int, default=1000)
+    parser.add_argument("--entities", type=int, default=100)
+    parser.add_argument(
+        "--sizes",
+        default="100,500,1000",
+        help="state changes per entity of each history imported, comma-separated",
+    )
     parser.add_argument("--statistics", type=int, default=50)
     parser.add_argument("--days", type=int, default=60)
     args = parser.parse_args(argv)
+    sizes = [int(size) for size in args.sizes.split(",")]
     with servers() as (workdir, ha, influx):
         ha.stop()
         began = time.monotonic()
         with closing(sqlite3.connect(ha.db_path)) as db:
             db.execute("BEGIN")
             seed_recorder_run(db, args.days + 2)
-            small = seed_states(db, "benchsmall", args.entities_small, args.per_entity)
-            large = seed_states(db, "benchlarge", args.entities_large, args.per_entity)
+            seeded = [seed_states(db, f"bench{size}", args.entities, size) for size in sizes]
             seed_statistics(db, args.statistics, args.days)
             db.execute("COMMIT")
         seeded_in = time.monotonic() - began
         ha.start()
-        for entity_id in [*small, *large]:
+        for entity_id in (name for names in seeded for name in names):
             ha.set_state(entity_id, "0.0", {"unit_of_measurement": "W", "device_class": "power"})
         print(
-            f"seeded {len(small) * args.per_entity:,} + {len(large) * args.per_entity:,} state "
-            f"changes and {args.statistics * args.days * 24:,} statistics rows in {seeded_in:.1f} s"
+            f"seeded {', '.join(f'{args.entities * size:,}' for size in sizes)} state changes "
+            f"and {args.statistics * args.days * 24:,} statistics rows in {seeded_in:.1f} s"
         )
-        since = "9d"
         runs = [
             run_import(
-                "small",
+                f"states{args.entities * size // 1000}k",
                 ha,
                 influx,
                 workdir,
-                "--since",
-                since,
-                "--entities",
-                "sensor.benchsmall_*",
-                "--no-statistics",
-            ),
-            run_import(
-                "large",
-                ha,
-                influx,
-                workdir,
-                "--since",
-                since,
-                "--entities",
-                "sensor.benchlarge_*",
-                "--no-statistics",
-            ),
+                *("--since", "9d", "--entities", f"sensor.bench{size}_*", "--no-statistics"),
+            )
+            for size in sizes
+        ]
+        runs.append(
             run_import(
                 "statistics",
                 ha,
                 influx,
                 workdir,
-                "--since",
-                f"{args.days + 1}d",
-                "--entities",
-                "sensor.benchstat_*",
+                *("--since", f"{args.days + 1}d", "--entities", "sensor.benchstat_*"),
                 "--no-states",
-            ),
-        ]
+            )
+        )
         print(
             f"{'import':<11} {'rows':>8} {'s':>7} {'rows/s':>8} {'HA alone s':>10} "
             f"{'HA rows/s':>9} {'ratio':>6} {'in-import HA s':>14} {'peak RSS MB':>11}"
@@ -352,16 +340,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{bound:>10.1f} {rows / bound:>9,.0f} {bound / run.seconds:>6.2f} "
                 f"{run.ha_seconds_in_import:>14.1f} {run.peak_rss_mb:>11.0f}"
             )
-        small_run, large_run = runs[0], runs[1]
+        state_runs = runs[:-1]
         print(
-            f"peak RSS {small_run.states:,} → {large_run.states:,} states: "
-            f"{small_run.peak_rss_mb:.0f} → {large_run.peak_rss_mb:.0f} MB "
-            f"(x{large_run.peak_rss_mb / max(small_run.peak_rss_mb, 1):.2f})"
+            "peak RSS by history size: "
+            + ", ".join(f"{r.states:,} states {r.peak_rss_mb:.0f} MB" for r in state_runs)
+            + f" (largest / smallest x{state_runs[-1].peak_rss_mb / max(state_runs[0].peak_rss_mb, 1):.2f})"
         )
         for run in runs:
-            count = influx.count(
-                f"bench_{run.label}", "ha_state" if run.states else "ha_statistics"
-            )
+            measurement = "ha_statistics" if run.label == "statistics" else "ha_state"
+            count = influx.count(f"bench_{run.label}", measurement)
             expected = run.states or run.statistics
             print(f"{run.label}: {count:,} points in InfluxDB (expected {expected:,})")
     return 0

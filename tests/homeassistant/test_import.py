@@ -243,7 +243,7 @@ async def test_killed_import_resumes_and_completes_without_duplicates(
         def states_done() -> bool:
             value = read_checkpoint(spool / IMPORT_SPOOL, checkpoint_key("states"))
             hour = read_checkpoint(spool / IMPORT_SPOOL, checkpoint_key("statistics.hour"))
-            return value is not None and hour is not None and process.poll() is None
+            return bool(value) and bool(hour) and process.poll() is None
 
         await wait_for(states_done, timeout=120, interval=0.01, message="import halfway")
         process.send_signal(signal.SIGKILL)
@@ -327,6 +327,32 @@ async def test_import_beside_a_live_service_stores_every_state_once(
     stored = stored_states(influxdb, influx_db, f"sensor.{tag}_")
     assert any(t > cut.timestamp() * 1e6 for _, t, _ in stored), "nothing after the cut-over"
     assert any(t < cut.timestamp() * 1e6 for _, t, _ in stored), "nothing before the cut-over"
+
+
+async def test_influxdb_down_leaves_the_import_durable_and_the_next_one_writes_it(
+    home_assistant: HomeAssistant, fresh_influxdb: InfluxDB1, tmp_path: Path
+) -> None:
+    ha = home_assistant
+    tag = f"imp{next(_ids)}"
+    seeded = await asyncio.to_thread(_set_states, ha, tag, 5)
+    await wait_for(lambda: len(recorded_states(ha, f"sensor.{tag}_")) >= seeded, timeout=60)
+    env = import_env(ha, fresh_influxdb, "down_db", str(tmp_path / "spool"))
+    env["HA_INGESTOR_SHUTDOWN_TIMEOUT"] = "1"
+    fresh_influxdb.stop()
+    result = await asyncio.to_thread(
+        run_import, env, "--since", "1h", "--entities", f"sensor.{tag}_*", "--no-statistics"
+    )
+    assert result.returncode == 0, result.stderr  # durable in the import spool
+    assert f"imported {seeded} states" in result.stdout
+    assert f"{seeded} unwritten (durable in the spool)" in result.stdout
+    fresh_influxdb.start()
+    # Any later import writes what an earlier one left, first.
+    again = await asyncio.to_thread(
+        run_import, env, "--since", "1m", "--entities", f"sensor.{tag}_*", "--no-statistics"
+    )
+    assert again.returncode == 0, again.stderr
+    assert "0 unwritten" in again.stdout
+    _assert_states_match(ha, fresh_influxdb, "down_db", tag)
 
 
 # --- bad input ---------------------------------------------------------------------------------

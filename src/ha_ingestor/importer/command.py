@@ -231,8 +231,12 @@ async def run_import(
                 _print_summary(summary, telemetry, began, 0, options, out)
                 return EXIT_OK
             # The writer drains the import's spool while the import reads.
+            # A bulk job: batches fill at once, and the last one need not wait for a flush.
+            writer_settings = settings.model_copy(
+                update={"influx_flush_interval": min(settings.influx_flush_interval, 0.1)}
+            )
             writer = InfluxWriter(
-                settings,
+                writer_settings,
                 InfluxClient(settings, influx_session),
                 buffer,
                 telemetry,
@@ -257,6 +261,13 @@ async def run_import(
                 writer_task.cancel()
                 await asyncio.gather(writer_task, return_exceptions=True)
             _print_summary(summary, telemetry, began, unwritten, options, out)
+            if unwritten and not settings.spool_enabled:
+                print(
+                    f"ha-ingestor import: {unwritten} lines not written, and not durable "
+                    "(HA_INGESTOR_SPOOL_ENABLED is false): rerun when InfluxDB takes writes",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
             return EXIT_OK
     except ImportOptionError as exc:
         print(f"ha-ingestor import: {exc}", file=sys.stderr)

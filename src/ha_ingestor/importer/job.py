@@ -38,7 +38,7 @@ from ha_ingestor.pipeline.ha_backfill import HISTORY, history_points
 from ha_ingestor.pipeline.ha_events import Mapper, format_time_ns, parse_time_ns
 from ha_ingestor.pipeline.ha_statistics import PERIODS, Statistic, StatisticsMapper
 from ha_ingestor.record import Point
-from ha_ingestor.sinks.line_protocol import encode_point
+from ha_ingestor.sinks.line_protocol import encode_fields, series_key
 from ha_ingestor.telemetry import Telemetry
 
 STATISTICS_DURING_PERIOD = "recorder/statistics_during_period"
@@ -58,7 +58,7 @@ _FIRST_WINDOW_NS = _HOUR_NS
 _FAST_S, _SLOW_S = 1.0, 4.0
 _SMALL_ROWS, _LARGE_ROWS = 2_500, 10_000
 #: Unwritten lines above which reading pauses until the writer has caught up to half of it.
-MAX_UNWRITTEN_LINES = 20_000
+MAX_UNWRITTEN_LINES = 8_000
 #: Statistics windows: about 720 rows per statistic and request.
 STATISTICS_WINDOW_NS = {"hour": 30 * _DAY_NS, "5minute": 2 * _DAY_NS + 12 * _HOUR_NS}
 STATISTIC_TYPES = ["mean", "min", "max", "sum", "state"]
@@ -74,6 +74,9 @@ def checkpoint_key(phase: str) -> str:
 
 def statistics_phase(period: str) -> str:
     return f"statistics.{period}"
+
+
+PHASES = (STATES_PHASE, *(statistics_phase(p) for p in PERIODS))
 
 
 @dataclass(slots=True)
@@ -167,6 +170,21 @@ class BufferSink:
         self._max_unwritten = max_unwritten
         self._last: asyncio.Future[None] | None = None
         self._pending: list[asyncio.Future[None]] = []
+        # Per entity or statistic: its last tags and their escaped series key (tags rarely
+        # change between an entity's rows, and escaping them is half of encoding a point).
+        self._series: dict[str, tuple[str, dict[str, str], str]] = {}
+
+    def _encode(self, key: str, point: Point) -> str:
+        cached = self._series.get(key)
+        if cached is None or cached[0] != point.measurement or cached[1] != point.tags:
+            if len(self._series) > 100_000:
+                self._series.clear()
+            cached = (point.measurement, point.tags, series_key(point.measurement, point.tags))
+            self._series[key] = cached
+        fields = encode_fields(point.fields)
+        if not fields:
+            raise ValueError(f"point of {point.measurement!r} has no field that can be written")
+        return f"{cached[2]} {fields} {point.time_ns}"
 
     async def _wait_for_writer(self) -> None:
         high = self._max_unwritten
@@ -181,7 +199,7 @@ class BufferSink:
 
     async def put(self, key: str, point: Point) -> None:
         try:
-            line = encode_point(point)
+            line = self._encode(key, point)
         except ValueError as exc:
             self.counts.unencodable += 1
             self._telemetry.dropped("unencodable", intentional=False)
@@ -315,6 +333,9 @@ class Importer:
             # Set while an import runs, cleared when it has finished: a rerun of the same
             # options resumes each phase; after a finished import it starts over.
             self._resuming = checkpoints.load(ACTIVE_KEY) == options.identity
+            if not self._resuming:  # what an earlier import recorded is no place to resume
+                for phase in PHASES:
+                    await checkpoints.save(checkpoint_key(phase), "")
             await checkpoints.save(ACTIVE_KEY, options.identity)
         entities: list[str] = []
         statistics: list[Statistic] = []

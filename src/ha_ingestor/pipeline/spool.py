@@ -488,6 +488,10 @@ def read_checkpoint(directory: Path, key: str) -> str | None:
         with contextlib.closing(
             sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
         ) as db:
+            if not db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'checkpoints'"
+            ).fetchone():
+                return None  # a spool being created right now
             row = db.execute("SELECT value FROM checkpoints WHERE key = ?", (key,)).fetchone()
     except sqlite3.Error as exc:
         raise SpoolError(f"cannot read {path}: {exc}") from exc
