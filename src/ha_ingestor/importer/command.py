@@ -15,8 +15,9 @@ series, same µs), so InfluxDB keeps one. Statistics end now (or at ``--until``)
 does not write ``ha_statistics``; a rerun of the import brings them up to date.
 
 Exit status: 0 when everything asked for was written or is durable in the import spool (the
-next import writes what is left first), 1 when the import stopped early (a rerun resumes),
-2 for a configuration or option error.
+next import writes what is left first), 1 when the import stopped early (a rerun resumes) or,
+with the spool switched off, when lines were left unwritten; 2 for a configuration or option
+error; 130 when interrupted (what was read is durable, a rerun resumes).
 """
 
 from __future__ import annotations

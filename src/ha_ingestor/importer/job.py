@@ -364,41 +364,65 @@ class Importer:
         return summary
 
     async def _states(self, entities: list[str], span: Span) -> None:
+        """Window after window; the next request goes out as soon as an answer is in, so
+        Home Assistant prepares it while this one is mapped (still one command in flight)."""
         progress = self._progress
         progress.begin("states", (span.until_ns - span.done_ns) / 1e9)
+        if span.done_ns >= span.until_ns:
+            progress.end()
+            return
         previous: dict[str, Mapping[str, Any]] = {}
         window = _FIRST_WINDOW_NS
-        first = True
-        while span.done_ns < span.until_ns:
-            start = span.done_ns
-            end = min(start + window, span.until_ns)
-            began = self._clock()
-            rows = 0
-            for batch in batches(entities, ENTITY_BATCH):
-                # Both bounds are exclusive in the recorder's query: ending 1 µs after the
-                # window's end reads a row exactly on it once, in this window.
-                payload: dict[str, Any] = {
-                    "start_time": format_time_ns(start),
-                    "end_time": format_time_ns(end + 1000),
-                    "entity_ids": batch,
-                    "include_start_time_state": first,
-                    "significant_changes_only": False,
-                    "minimal_response": False,
-                    "no_attributes": False,
-                }
-                asked = self._clock()
-                history = await self._call(HISTORY, **payload)
-                answered = self._clock() - asked
-                stored = await self._store_history(history or {}, start, previous)
-                rows += stored
-                self._log.debug("history window", rows=stored, seconds=answered, **payload)
-            first = False
-            span.done_ns = end
-            await self._record(STATES_PHASE, span)
-            self.summary.states += rows
-            progress.advance((end - start) / 1e9, rows)
-            window = _next_window(window, self._clock() - began, rows)
+        start = span.done_ns
+        end = min(start + window, span.until_ns)
+        # The first window of a run asks for the state at its start: the previous state of
+        # its first change. Later windows have it from the window before.
+        payloads = _history_payloads(entities, start, end, first=True)
+        index = 0
+        fetch: asyncio.Task[tuple[Any, float]] | None = asyncio.create_task(
+            self._ask(payloads[0]), name="import-history"
+        )
+        answered, received, stored = 0.0, 0, 0
+        try:
+            while fetch is not None:
+                history, seconds = await fetch
+                history = history or {}
+                payload = payloads[index]
+                answered += seconds
+                received += sum(len(rows) for rows in history.values())
+                index += 1
+                window_done = index == len(payloads)
+                next_payloads = payloads
+                if not window_done:
+                    fetch = asyncio.create_task(self._ask(payloads[index]), name="import-history")
+                elif end < span.until_ns:
+                    window = _next_window(window, answered, received)
+                    next_end = min(end + window, span.until_ns)
+                    next_payloads = _history_payloads(entities, end, next_end, first=False)
+                    fetch = asyncio.create_task(self._ask(next_payloads[0]), name="import-history")
+                else:
+                    fetch = None
+                count = await self._store_history(history, start, previous)
+                stored += count
+                self._log.debug("history window", rows=count, seconds=seconds, **payload)
+                if window_done:
+                    span.done_ns = end
+                    await self._record(STATES_PHASE, span)
+                    self.summary.states += stored
+                    progress.advance((end - start) / 1e9, stored)
+                    start, end = end, min(end + window, span.until_ns)
+                    payloads, index = next_payloads, 0
+                    answered, received, stored = 0.0, 0, 0
+        finally:
+            if fetch is not None and not fetch.done():
+                fetch.cancel()
+                await asyncio.gather(fetch, return_exceptions=True)
         progress.end()
+
+    async def _ask(self, payload: dict[str, Any]) -> tuple[Any, float]:
+        asked = self._clock()
+        answer = await self._call(HISTORY, **payload)
+        return answer, self._clock() - asked
 
     async def _store_history(
         self,
@@ -466,6 +490,26 @@ class Importer:
             self.summary.statistics += rows
             progress.advance((end - start) / 1e9, rows)
         progress.end()
+
+
+def _history_payloads(
+    entities: list[str], start_ns: int, end_ns: int, *, first: bool
+) -> list[dict[str, Any]]:
+    """The requests of one window, one per batch of entities. Both bounds are exclusive in the
+    recorder's query: ending 1 µs after the window's end reads a row exactly on it once, in
+    this window (the next one starts after it)."""
+    return [
+        {
+            "start_time": format_time_ns(start_ns),
+            "end_time": format_time_ns(end_ns + 1000),
+            "entity_ids": batch,
+            "include_start_time_state": first,
+            "significant_changes_only": False,
+            "minimal_response": False,
+            "no_attributes": False,
+        }
+        for batch in batches(entities, ENTITY_BATCH)
+    ]
 
 
 def _next_window(window: int, seconds: float, rows: int) -> int:
