@@ -9,7 +9,8 @@ database (schema and migrations are its own), stops it, and writes rows straight
 database with the columns the schema has: ``states_meta``/``state_attributes``/``states`` for
 sets of 100 sensors with 100, 500 and 1,000 changes each (10k, 50k and 100k state changes),
 each set spread over the last 8 days, and ``statistics_meta``/``statistics`` for hourly long-term
-statistics (50 x 60 days = 72,000 rows). Home Assistant is started again and each seeded entity
+statistics (50 x 60 days = 72,000 rows) and 5-minute ones (``statistics_short_term``, 50 x 2 days
+= 28,800 rows). Home Assistant is started again and each seeded entity
 gets one current state through REST, so that it is known to Home Assistant (the import asks
 for the history of the entities Home Assistant knows); a ``recorder_runs`` row from before the
 seeded span stands for the recorder having run then (Home Assistant answers a window only if so).
@@ -51,6 +52,7 @@ from tests.support.homeassistant import HomeAssistant
 from tests.support.servers import InfluxDB1
 
 DAY = 86_400.0
+SHORT_TERM_DAYS = 2  # 5-minute statistics: 576 rows per statistic
 
 
 @contextmanager
@@ -153,6 +155,22 @@ def seed_statistics(db: sqlite3.Connection, count: int, days: int) -> list[str]:
                     "max": 150.0 + (h + index) % 60,
                 }
                 for h in range(days * 24)
+            ],
+        )
+        five = (time.time() // 300 - SHORT_TERM_DAYS * 288) * 300
+        _insert(
+            db,
+            "statistics_short_term",
+            [
+                {
+                    "created_ts": five + m * 300 + 300,
+                    "metadata_id": metadata_id,
+                    "start_ts": five + m * 300,
+                    "mean": 100.0 + (m + index) % 50,
+                    "min": 50.0 + (m + index) % 40,
+                    "max": 150.0 + (m + index) % 60,
+                }
+                for m in range(SHORT_TERM_DAYS * 288)
             ],
         )
     return ids
@@ -304,9 +322,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ha.start()
         for entity_id in (name for names in seeded for name in names):
             ha.set_state(entity_id, "0.0", {"unit_of_measurement": "W", "device_class": "power"})
+        hourly = args.statistics * args.days * 24
+        short_term = args.statistics * SHORT_TERM_DAYS * 288
         print(
-            f"seeded {', '.join(f'{args.entities * size:,}' for size in sizes)} state changes "
-            f"and {args.statistics * args.days * 24:,} statistics rows in {seeded_in:.1f} s"
+            f"seeded {', '.join(f'{args.entities * size:,}' for size in sizes)} state changes, "
+            f"{hourly:,} hourly and {short_term:,} 5-minute statistics rows in {seeded_in:.1f} s"
         )
         runs = [
             run_import(
