@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import signal
 import subprocess
 import threading
@@ -353,6 +354,39 @@ async def test_influxdb_down_leaves_the_import_durable_and_the_next_one_writes_i
     assert again.returncode == 0, again.stderr
     assert "0 unwritten" in again.stdout
     _assert_states_match(ha, fresh_influxdb, "down_db", tag)
+
+
+async def test_lines_influxdb_rejects_are_dead_lettered_and_counted(
+    home_assistant: HomeAssistant, influxdb: InfluxDB1, influx_db: str, tmp_path: Path
+) -> None:
+    """``state`` stored as a float beforehand: every imported string ``state`` of that shard
+    conflicts; the import dead-letters them with InfluxDB's reason and says so."""
+    ha = home_assistant
+    tag = f"imp{next(_ids)}"
+    seeded = await asyncio.to_thread(_set_states, ha, tag, 3, entities=1)
+    await wait_for(lambda: len(recorded_states(ha, f"sensor.{tag}_")) >= seeded, timeout=60)
+    influxdb.create_database(influx_db)
+    influxdb.write(influx_db, f"ha_state,entity_id=other state=1.0 {time.time_ns()}")
+    spool = tmp_path / "spool"
+    env = import_env(ha, influxdb, influx_db, str(spool))
+    result = await asyncio.to_thread(
+        run_import, env, "--since", "1h", "--entities", f"sensor.{tag}_*", "--no-statistics"
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"imported {seeded} states" in result.stdout
+    assert f"{seeded} dead letters" in result.stdout
+    records = [
+        json.loads(line)
+        for line in (spool / IMPORT_SPOOL / "dead-letter.jsonl").read_text().splitlines()
+    ]
+    assert len(records) == seeded
+    assert all("conflict" in r["reason"] for r in records)
+    assert all(
+        r["line"].startswith(
+            f"ha_state,device_class=temperature,domain=sensor,entity_id=sensor.{tag}_0"
+        )
+        for r in records
+    )
 
 
 # --- bad input ---------------------------------------------------------------------------------
