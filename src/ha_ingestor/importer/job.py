@@ -35,7 +35,7 @@ from ha_ingestor.importer.options import ImportOptionError, ImportOptions
 from ha_ingestor.importer.progress import ImportProgress
 from ha_ingestor.pipeline.buffer import Buffer, Checkpoints
 from ha_ingestor.pipeline.ha_backfill import HISTORY, history_points
-from ha_ingestor.pipeline.ha_events import Mapper, format_time_ns, parse_time_ns
+from ha_ingestor.pipeline.ha_events import Mapper, epoch_to_ns, format_time_ns, parse_time_ns
 from ha_ingestor.pipeline.ha_statistics import PERIODS, Statistic, StatisticsMapper
 from ha_ingestor.record import Point
 from ha_ingestor.sinks.line_protocol import encode_fields, series_key
@@ -45,7 +45,7 @@ STATISTICS_DURING_PERIOD = "recorder/statistics_during_period"
 LIST_STATISTIC_IDS = "recorder/list_statistic_ids"
 STATES_PHASE = "states"
 ACTIVE_KEY = "import.active"
-ENTITY_BATCH = 200  # entity ids per history request
+ENTITY_BATCH = 25  # entity ids per history request: fewer rows per answer, flat memory
 STATISTIC_BATCH = 10  # statistic ids per statistics request: about 7,200 rows per answer
 _MINUTE_NS = 60 * 1_000_000_000
 _HOUR_NS = 60 * _MINUTE_NS
@@ -53,8 +53,9 @@ _DAY_NS = 24 * _HOUR_NS
 MIN_WINDOW_NS = 5 * _MINUTE_NS
 MAX_WINDOW_NS = 7 * _DAY_NS
 _FIRST_WINDOW_NS = _HOUR_NS
-#: A history answer this fast and this small lets the next window double; slower or larger halves
-#: it. The row bound keeps one answer's decoded rows (attributes included) to a few MB.
+#: When every answer of a window is this fast and this small the next window doubles; when one is
+#: slower or larger the window shrinks (to fit the row bound). The row bound keeps one answer's
+#: decoded rows (attributes included) to a few MB.
 _FAST_S, _SLOW_S = 1.0, 4.0
 _SMALL_ROWS, _LARGE_ROWS = 2_500, 10_000
 #: Unwritten lines above which reading pauses until the writer has caught up to half of it.
@@ -382,21 +383,23 @@ class Importer:
         fetch: asyncio.Task[tuple[Any, float]] | None = asyncio.create_task(
             self._ask(payloads[0]), name="import-history"
         )
-        answered, received, stored = 0.0, 0, 0
+        answers = _Answers(end)
+        stored = 0
         try:
             while fetch is not None:
                 history, seconds = await fetch
                 history = history or {}
                 payload = payloads[index]
-                answered += seconds
-                received += sum(len(rows) for rows in history.values())
+                answers.note(history, seconds)
                 index += 1
                 window_done = index == len(payloads)
                 next_payloads = payloads
                 if not window_done:
                     fetch = asyncio.create_task(self._ask(payloads[index]), name="import-history")
                 elif end < span.until_ns:
-                    window = _next_window(window, answered, received)
+                    window = _next_window(
+                        window, answers.slowest, answers.largest, end - max(answers.earliest, start)
+                    )
                     next_end = min(end + window, span.until_ns)
                     next_payloads = _history_payloads(entities, end, next_end, first=False)
                     fetch = asyncio.create_task(self._ask(next_payloads[0]), name="import-history")
@@ -412,7 +415,7 @@ class Importer:
                     progress.advance((end - start) / 1e9, stored)
                     start, end = end, min(end + window, span.until_ns)
                     payloads, index = next_payloads, 0
-                    answered, received, stored = 0.0, 0, 0
+                    answers, stored = _Answers(end), 0
         finally:
             if fetch is not None and not fetch.done():
                 fetch.cancel()
@@ -492,6 +495,23 @@ class Importer:
         progress.end()
 
 
+@dataclass(slots=True)
+class _Answers:
+    """What one window's answers tell about the next window: the slowest answer, the largest
+    (rows), and the earliest row (before it, the window had none)."""
+
+    earliest: int
+    slowest: float = 0.0
+    largest: int = 0
+
+    def note(self, history: Mapping[str, list[Mapping[str, Any]]], seconds: float) -> None:
+        self.slowest = max(self.slowest, seconds)
+        self.largest = max(self.largest, sum(len(rows) for rows in history.values()))
+        for rows in history.values():
+            if rows:
+                self.earliest = min(self.earliest, epoch_to_ns(float(rows[0]["lu"])))
+
+
 def _history_payloads(
     entities: list[str], start_ns: int, end_ns: int, *, first: bool
 ) -> list[dict[str, Any]]:
@@ -512,9 +532,19 @@ def _history_payloads(
     ]
 
 
-def _next_window(window: int, seconds: float, rows: int) -> int:
-    if seconds > _SLOW_S or rows > _LARGE_ROWS:
+def _next_window(window: int, seconds: float, rows: int, busy_ns: int) -> int:
+    """The next window from the slowest and the largest answer of this one, and the part of
+    it (``busy_ns``, from its first row to its end) that had rows: after a stretch without
+    any, the rate of that part, not of the whole window, predicts the next answer's size."""
+    if seconds > _SLOW_S:
         return max(window // 2, MIN_WINDOW_NS)
-    if seconds < _FAST_S and rows < _SMALL_ROWS:
-        return min(window * 2, MAX_WINDOW_NS)
+    if rows and busy_ns > 0:
+        fits = busy_ns * _LARGE_ROWS // (2 * rows)  # about half the bound, at this rate
+        if rows > _LARGE_ROWS or fits < window:
+            return max(min(fits, window), MIN_WINDOW_NS)
+        if seconds < _FAST_S and rows < _SMALL_ROWS:
+            return max(min(window * 2, fits, MAX_WINDOW_NS), MIN_WINDOW_NS)
+        return window
+    if seconds < _FAST_S:
+        return min(window * 2, MAX_WINDOW_NS)  # nothing there: cross it quickly
     return window
