@@ -166,7 +166,7 @@ class Mapper:
         if not self.entity_filter.allows(entity_id):
             return None
         attributes = row.get("a") or {}
-        state = str(row.get("s", ""))
+        state = str(row.get("s") or "")
         time_ns = epoch_to_ns(float(row["lu"]))
         fields: dict[str, FieldValue] = {"state": state}
         if is_removal_row(row):
@@ -330,8 +330,9 @@ def _capped_json(name: str, value: Mapping[str, Any], fields: dict[str, FieldVal
 
 
 def is_removal_row(row: Mapping[str, Any]) -> bool:
-    """A history row the recorder wrote for an entity's removal (state "", no attributes)."""
-    return row.get("s") == "" and not row.get("a")
+    """A history row the recorder wrote for an entity's removal (no attributes, and state ""
+    or — as 2024.3 stores it — NULL)."""
+    return row.get("s") in ("", None) and not row.get("a")
 
 
 def _single_entity(data: Mapping[str, Any]) -> str | None:

@@ -476,3 +476,23 @@ def _unpack(data: bytes, lengths: bytes | None) -> list[str]:
         lines.append(text[start : start + length])
         start += length + 1
     return lines
+
+
+def read_checkpoint(directory: Path, key: str) -> str | None:
+    """A checkpoint of a spool that another process may have open, read without taking part in
+    it: read-only, no replay, no recovery. None when there is no spool or no such checkpoint."""
+    path = directory / SPOOL_FILE
+    if not path.exists():
+        return None
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
+        ) as db:
+            if not db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'checkpoints'"
+            ).fetchone():
+                return None  # a spool being created right now
+            row = db.execute("SELECT value FROM checkpoints WHERE key = ?", (key,)).fetchone()
+    except sqlite3.Error as exc:
+        raise SpoolError(f"cannot read {path}: {exc}") from exc
+    return None if row is None else str(row[0])

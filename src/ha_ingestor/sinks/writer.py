@@ -42,7 +42,7 @@ __all__ = ["MEASUREMENTS", "TARGET", "InfluxWriter", "count_measurements"]
 
 TARGET = "influxdb"
 #: Measurements counted by name in ``points_written``; anything else counts as "other".
-MEASUREMENTS = ("mqtt_message", "ha_state", "ha_event")
+MEASUREMENTS = ("mqtt_message", "ha_state", "ha_event", "ha_statistics")
 # Per measurement, a C-level "does this line start with its name and a separator" test.
 _STARTS_WITH = {m: methodcaller("startswith", (m + ",", m + " ")) for m in MEASUREMENTS}
 _REFUSED = (Outcome.AUTH, Outcome.CONFIG, Outcome.NOT_FOUND, Outcome.LIMIT)
