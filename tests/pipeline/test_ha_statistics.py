@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 
+from ha_ingestor.line_protocol import encode_point
 from ha_ingestor.pipeline.ha_statistics import Statistic, StatisticsMapper, period_start_ns
-from ha_ingestor.sinks.line_protocol import encode_point
 
 METER = Statistic.from_listing(
     {

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import fcntl
 import socket
-import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -37,6 +36,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 
 from ha_ingestor.config import Settings
+from ha_ingestor.errors import describe
 from ha_ingestor.importer.job import BufferSink, CountingSink, Importer, Sink, Summary
 from ha_ingestor.importer.options import ImportOptionError, ImportOptions
 from ha_ingestor.importer.progress import ImportProgress, progress_for
@@ -47,15 +47,11 @@ from ha_ingestor.pipeline.spool import SpoolError, SqliteSpool, read_checkpoint
 from ha_ingestor.sinks.dead_letter import DEAD_LETTER_FILE, DeadLetterFile
 from ha_ingestor.sinks.influxdb import InfluxClient
 from ha_ingestor.sinks.writer import InfluxWriter
-from ha_ingestor.sources.ha_client import (
-    AuthInvalidError,
-    CommandError,
-    HomeAssistantClient,
-    describe,
-)
+from ha_ingestor.sources.ha_client import AuthInvalidError, CommandError, HomeAssistantClient
 from ha_ingestor.sources.ha_registry import Registries
 from ha_ingestor.sources.homeassistant import CHECKPOINT_KEY as LIVE_CHECKPOINT_KEY
 from ha_ingestor.telemetry import Telemetry
+from ha_ingestor.tls import ha_tls_context
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -104,18 +100,6 @@ async def _buffer(
         )
         async with spool:
             yield spool, spool
-
-
-def _ssl(settings: Settings) -> ssl.SSLContext | bool:
-    if not (settings.ha_url or "").startswith("https://"):
-        return True
-    context = ssl.create_default_context(
-        cafile=str(settings.ha_ca_file) if settings.ha_ca_file else None
-    )
-    if settings.ha_tls_insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 def live_checkpoint_ns(settings: Settings) -> int | None:
@@ -302,7 +286,7 @@ async def _connected_import(
         settings.ha_url,
         settings.ha_token.get_secret_value(),
         session,
-        ssl_context=_ssl(settings),
+        ssl_context=ha_tls_context(settings),
         call_timeout=_CALL_TIMEOUT,
     )
     await _connect(client, settings)

@@ -33,12 +33,12 @@ import orjson
 
 from ha_ingestor.importer.options import ImportOptionError, ImportOptions
 from ha_ingestor.importer.progress import ImportProgress
+from ha_ingestor.line_protocol import encode_fields, series_key
 from ha_ingestor.pipeline.buffer import Buffer, Checkpoints
 from ha_ingestor.pipeline.ha_backfill import HISTORY, history_points
 from ha_ingestor.pipeline.ha_events import Mapper, epoch_to_ns, format_time_ns, parse_time_ns
 from ha_ingestor.pipeline.ha_statistics import PERIODS, Statistic, StatisticsMapper
 from ha_ingestor.record import Point
-from ha_ingestor.sinks.line_protocol import encode_fields, series_key
 from ha_ingestor.telemetry import Telemetry
 
 STATISTICS_DURING_PERIOD = "recorder/statistics_during_period"
