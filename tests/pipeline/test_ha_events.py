@@ -100,6 +100,20 @@ def test_iso_and_history_floats_round_trip_to_the_same_microsecond(micros: int) 
     assert epoch_to_ns(moment.timestamp()) == ns
 
 
+@given(st.floats(min_value=1_500_000_000, max_value=2_000_000_000))
+def test_raw_time_floats_convert_as_home_assistant_converts_them(seconds: float) -> None:
+    # Since 2024.7 the recorder and history hold the raw time.time() float; the live event
+    # carries datetime.fromtimestamp(float, UTC) of it.
+    live = datetime.fromtimestamp(seconds, UTC).isoformat()
+    assert epoch_to_ns(seconds) == parse_time_ns(live)
+
+
+def test_a_float_that_naive_rounding_gets_one_microsecond_wrong() -> None:
+    seconds = 1764612000.0000115  # seconds * 1e6 rounds up, the float itself lies below .5 µs
+    assert round(seconds * 1_000_000) * 1000 != epoch_to_ns(seconds)
+    assert epoch_to_ns(seconds) == parse_time_ns(datetime.fromtimestamp(seconds, UTC).isoformat())
+
+
 # --- state changes -------------------------------------------------------------------------------
 def test_a_numeric_state_change() -> None:
     info = EntityInfo(area="Kitchen", device="Thermometer", platform="mqtt")

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from ha_ingestor.pipeline.buffer import Buffer
-from ha_ingestor.pipeline.ha_events import Mapper, format_time_ns, parse_time_ns
+from ha_ingestor.pipeline.ha_events import Mapper, epoch_to_ns, format_time_ns, parse_time_ns
 from ha_ingestor.record import Point
 from ha_ingestor.sinks.line_protocol import encode_point
 from ha_ingestor.telemetry import Telemetry
@@ -74,10 +74,10 @@ def history_points(
     ``start_ns`` (its ``lu`` is the start time itself; real rows are strictly later): it is
     not a change, only the previous state of the first real row.
     """
-    start_us = start_ns // 1000
+    start_ns = start_ns // 1000 * 1000
     previous: Mapping[str, Any] | None = None
     for index, row in enumerate(rows):
-        if index == 0 and round(float(row["lu"]) * 1_000_000) <= start_us:
+        if index == 0 and epoch_to_ns(float(row["lu"])) <= start_ns:
             previous = row
             continue
         point = mapper.history_point(entity_id, row, previous)

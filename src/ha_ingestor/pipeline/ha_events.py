@@ -32,13 +32,21 @@ def parse_time_ns(text: str) -> int:
     moment = datetime.fromisoformat(text)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    delta = moment - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+    return _datetime_ns(moment)
 
 
 def epoch_to_ns(seconds: float) -> int:
-    """History's float epoch seconds → ns, rounded to the microsecond Home Assistant stored."""
-    return round(seconds * 1_000_000) * 1000
+    """The recorder's and history's float epoch seconds → ns, converted exactly as Home
+    Assistant turns the same float into the datetime its live events carry
+    (``datetime.fromtimestamp(seconds, UTC)``: round-half-even to the microsecond).
+    ``round(seconds * 1e6)`` differs by 1 µs for about one float in eight: the product is
+    rounded once more before ``round`` sees it."""
+    return _datetime_ns(datetime.fromtimestamp(seconds, UTC))
+
+
+def _datetime_ns(moment: datetime) -> int:
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
 
 
 def format_time_ns(time_ns: int) -> str:
