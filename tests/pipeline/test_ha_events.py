@@ -164,6 +164,22 @@ def test_a_numeric_state_change() -> None:
     assert line.endswith(f" {T1_NS}")
 
 
+def test_floor_is_a_tag_labels_a_field_and_last_reported_is_kept() -> None:
+    info = EntityInfo(area="Kitchen", floor="Ground floor", labels="Critical,Energy")
+    m = mapper(entity_info=lambda entity_id: info)
+    new = state("sensor.meter", "5") | {"last_reported": "2024-03-15T10:22:00.000002+00:00"}
+    point = mapped(m, state_changed("sensor.meter", new, None))
+    assert point.tags["floor"] == "Ground floor"
+    assert "labels" not in point.tags
+    assert point.fields["labels"] == "Critical,Energy"
+    assert point.fields["last_reported"] == (T1_NS + 60_000_001_000) // 1000 / 1_000_000
+    row = {"s": "5", "a": {}, "lu": T1_NS / 1e9, "lc": T1_NS / 1e9}
+    restored = m.history_point("sensor.meter", row, None)
+    assert restored is not None
+    assert restored.tags == point.tags
+    assert restored.fields["labels"] == "Critical,Energy"
+
+
 @pytest.mark.parametrize(
     ("text", "value"),
     [

@@ -89,6 +89,8 @@ class EntityInfo:
     area: str | None = None
     device: str | None = None
     platform: str | None = None
+    floor: str | None = None  # of the area
+    labels: str | None = None  # the entity's label names, sorted, comma-separated
 
 
 @dataclass
@@ -129,11 +131,13 @@ class Mapper:
             last_changed = new_state.get("last_changed")
             if isinstance(last_changed, str):
                 fields["last_changed"] = _seconds(parse_time_ns(last_changed))
+            _last_reported_field(new_state.get("last_reported"), fields)
             time_ns = parse_time_ns(str(new_state.get("last_updated") or time_fired))
             context = new_state.get("context") or context
         if old_state is not None:
             fields["previous_state"] = str(old_state.get("state", ""))
         _context_fields(context, fields)
+        self._labels_field(entity_id, fields)
         return Point(STATE_MEASUREMENT, tags, fields, time_ns)
 
     def history_point(
@@ -170,6 +174,7 @@ class Mapper:
         # Like a live event for an added entity, a row after a removal has no previous state.
         if previous is not None and not is_removal_row(previous):
             fields["previous_state"] = str(previous.get("s", ""))
+        self._labels_field(entity_id, fields)
         return Point(STATE_MEASUREMENT, tags, fields, time_ns)
 
     def _state_tags(self, entity_id: str, state: Mapping[str, Any]) -> dict[str, str]:
@@ -193,7 +198,15 @@ class Mapper:
             tags["device"] = info.device
         if info.platform:
             tags["platform"] = info.platform
+        if info.floor:
+            tags["floor"] = info.floor
         return tags
+
+    def _labels_field(self, entity_id: str, fields: dict[str, FieldValue]) -> None:
+        """Labels are a field, not a tag: users add them without bound."""
+        labels = self.entity_info(entity_id).labels
+        if labels:
+            fields["labels"] = labels
 
     def _attribute_fields(
         self, attributes: Mapping[str, Any], fields: dict[str, FieldValue]
@@ -247,6 +260,13 @@ class Mapper:
                 event.get("context"),
             )
         return self.event_point(event)
+
+
+def _last_reported_field(last_reported: Any, fields: dict[str, FieldValue]) -> None:
+    """``last_reported`` (Home Assistant 2024.4+): when the state was last written, changed or
+    not; history does not return it, so a back-filled point lacks it."""
+    if isinstance(last_reported, str):
+        fields["last_reported"] = _seconds(parse_time_ns(last_reported))
 
 
 def is_removal_row(row: Mapping[str, Any]) -> bool:

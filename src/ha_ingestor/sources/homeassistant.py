@@ -15,9 +15,11 @@ feels back-pressure.
 Errors:
 - transport errors (refused, closed, no pong, malformed frame) → ``RECONNECTING``, capped
   jittered exponential backoff, reconnect, resubscribe, back-fill;
-- :class:`AuthInvalidError` (``auth_invalid``) and :class:`NotAllowedError` (a non-admin
-  token asked for all events) → ``FAILED`` with an actionable message and no more attempts:
-  repeated bad logins get an IP banned, and only the operator can fix either;
+- :class:`AuthInvalidError` (``auth_invalid``), :class:`NotAllowedError` (a non-admin
+  token asked for all events) and :class:`EventTypeRefusedError` (Home Assistant refuses to
+  subscribe to an event named in ``HA_INGESTOR_HA_EVENT_TYPES``, e.g. ``state_reported``)
+  → ``FAILED`` with an actionable message and no more attempts: repeated bad logins get an
+  IP banned, and only the operator can fix any of them;
 - :class:`CommandError` — Home Assistant answered a command with an error.
 
 Checkpoint: ``homeassistant.last_event`` holds the time of the newest event whose point is
@@ -65,6 +67,10 @@ class NotAllowedError(Exception):
     """The token may not do what the source needs (a non-admin user's token)."""
 
 
+class EventTypeRefusedError(Exception):
+    """Home Assistant refuses to subscribe to an event type the configuration names."""
+
+
 class HomeAssistantSource:
     def __init__(
         self,
@@ -102,6 +108,8 @@ class HomeAssistantSource:
         self._wants_states = (
             not settings.ha_event_types or "state_changed" in settings.ha_event_types
         ) and "state_changed" not in settings.ha_exclude_event_types
+        # Every excluded event type, state_changed included (the mapper only sees the others).
+        self._excluded_event_types = frozenset(settings.ha_exclude_event_types)
         self._received = telemetry.metrics.events_received.labels(TARGET)
         self._queue_depth = telemetry.metrics.queue_depth.labels(TARGET)
         # reader → processor
@@ -129,6 +137,12 @@ class HomeAssistantSource:
     def mapper(self) -> Mapper:
         return self._mapper
 
+    @property
+    def registries(self) -> Registries:
+        """Home Assistant's registries as this source keeps them current (the MQTT side
+        names discovered entities from them)."""
+        return self._registries
+
     # --- lifecycle ---------------------------------------------------------------------------------
     async def run(self) -> None:
         """Connect, reconnect and process until cancelled."""
@@ -144,7 +158,7 @@ class HomeAssistantSource:
                     began = loop.time()
                     try:
                         await self._connection()
-                    except (AuthInvalidError, NotAllowedError) as exc:
+                    except (AuthInvalidError, NotAllowedError, EventTypeRefusedError) as exc:
                         telemetry.set_state(TARGET, ConnState.FAILED, error=str(exc))
                         await asyncio.Event().wait()  # stay up, not ready, until stopped
                     except (
@@ -252,7 +266,16 @@ class HomeAssistantSource:
         try:
             if self._settings.ha_event_types:
                 for event_type in self._settings.ha_event_types:
-                    await self._call("subscribe_events", event_type=event_type)
+                    try:
+                        await self._call("subscribe_events", event_type=event_type)
+                    except CommandError as exc:
+                        if exc.code == "unauthorized":
+                            raise
+                        raise EventTypeRefusedError(
+                            f"Home Assistant refused to subscribe to {event_type!r}, named in "
+                            f"HA_INGESTOR_HA_EVENT_TYPES ({exc.code}: {exc}). Remove it from "
+                            "HA_INGESTOR_HA_EVENT_TYPES and restart."
+                        ) from None
             else:
                 await self._call("subscribe_events")
         except CommandError as exc:
@@ -325,6 +348,9 @@ class HomeAssistantSource:
             self._dirty_registries.add(REGISTRY_EVENTS[event_type])
             self._registries_dirty.set()
         telemetry = self._telemetry
+        if event_type in self._excluded_event_types:
+            telemetry.dropped("filtered_event", intentional=True)
+            return
         try:
             if event_type == "state_changed":
                 entity_id = (event.get("data") or {}).get("entity_id")
