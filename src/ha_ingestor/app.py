@@ -103,7 +103,10 @@ class Service:
             client = InfluxClient(settings, influx_session)
             writer = InfluxWriter(settings, client, buffer, telemetry)
             readiness = Readiness(settings, telemetry, buffer)
-            sources = self.sources = self._sources(settings, buffer, checkpoints, ha_session)
+            instance = await self._instance(settings, checkpoints, ha_session)
+            sources = self.sources = self._sources(
+                settings, buffer, checkpoints, ha_session, instance
+            )
             async with HttpServer(
                 settings.http_host, settings.http_port, telemetry, buffer, readiness
             ) as http:
@@ -125,30 +128,35 @@ class Service:
                 for task in crashed:
                     task.result()  # a component that ended on its own is a bug: surface it
 
+    async def _instance(
+        self, settings: Settings, checkpoints: Checkpoints, ha_session: aiohttp.ClientSession
+    ) -> str:
+        if not settings.ha_enabled:
+            return default_instance(settings)
+        from ha_ingestor.sources.homeassistant import decide_instance
+
+        return await decide_instance(settings, checkpoints, ha_session)
+
     def _sources(
         self,
         settings: Settings,
         buffer: Buffer,
         checkpoints: Checkpoints,
         ha_session: aiohttp.ClientSession,
+        instance: str,
     ) -> dict[str, Any]:
         sources: dict[str, Any] = {}
-        mqtt: MqttSource | None = None
-        if settings.mqtt_enabled:
-            mqtt = MqttSource(settings, buffer, self.telemetry, default_instance(settings))
-            sources["mqtt"] = mqtt
+        registry = None
         if settings.ha_enabled:
             from ha_ingestor.sources.homeassistant import HomeAssistantSource
 
-            sources["homeassistant"] = HomeAssistantSource(
-                settings,
-                buffer,
-                self.telemetry,
-                ha_session,
-                checkpoints,
-                # Home Assistant's location name becomes every point's instance tag.
-                on_instance=mqtt.encoder.set_instance if mqtt is not None else None,
+            homeassistant = HomeAssistantSource(
+                settings, buffer, self.telemetry, ha_session, checkpoints, instance
             )
+            registry = homeassistant.registries  # names MQTT-discovered entities
+            sources["homeassistant"] = homeassistant
+        if settings.mqtt_enabled:
+            sources["mqtt"] = MqttSource(settings, buffer, self.telemetry, instance, registry)
         return sources
 
     async def _shutdown(

@@ -2,7 +2,7 @@
 
 The protocol — connect, authenticate, commands, the event stream, the ping — is
 :class:`~ha_ingestor.sources.ha_client.HomeAssistantClient`; this module is the ingest loop
-around it. Per connection: read ``get_config`` (the ``instance`` tag) and the entity/device/area
+around it. Per connection: read the entity, device, area, floor and label
 registries, subscribe to events, then back-fill the gap since the last stored event from the
 recorder's history (:mod:`ha_ingestor.pipeline.ha_backfill`).
 
@@ -21,6 +21,11 @@ Errors:
   → ``FAILED`` with an actionable message and no more attempts: repeated bad logins get an
   IP banned, and only the operator can fix any of them;
 - :class:`CommandError` — Home Assistant answered a command with an error.
+
+Instance: the ``instance`` tag of every point (MQTT's too) is decided once, before the first
+point, by :func:`decide_instance` — ``HA_INGESTOR_INSTANCE``, else the one decided on an earlier
+run (kept with the checkpoints), else Home Assistant's location name, else the host name — and
+never changes while running, so no series is split when Home Assistant connects.
 
 Checkpoint: ``homeassistant.last_event`` holds the time of the newest event whose point is
 durable, held back to the start of a gap until that gap's back-fill is durable too; a restart
@@ -57,6 +62,8 @@ from ha_ingestor.telemetry import ConnState, Telemetry
 
 TARGET = "homeassistant"
 CHECKPOINT_KEY = "homeassistant.last_event"
+INSTANCE_KEY = "homeassistant.instance"
+_INSTANCE_WAIT = 10.0  # at the very first start: how long to try for the location name
 _CALL_TIMEOUT = 60.0  # a command's answer (get_states and history can be large and slow)
 _STABLE_AFTER = 30.0  # a connection up this long resets the backoff
 _REGISTRY_DEBOUNCE = 0.5  # registry events come in bursts: re-fetch once per burst
@@ -79,7 +86,7 @@ class HomeAssistantSource:
         telemetry: Telemetry,
         session: aiohttp.ClientSession,
         checkpoints: Checkpoints,
-        on_instance: Callable[[str], None] | None = None,
+        instance: str | None = None,
     ) -> None:
         if settings.ha_url is None or settings.ha_token is None:
             raise ValueError("HA_INGESTOR_HA_URL and HA_INGESTOR_HA_TOKEN are both needed")
@@ -88,10 +95,9 @@ class HomeAssistantSource:
         self._telemetry = telemetry
         self._session = session
         self._checkpoints = checkpoints
-        self._on_instance = on_instance
         self._registries = Registries()
         self._mapper = Mapper(
-            instance=settings.instance or socket.gethostname(),
+            instance=instance or settings.instance or socket.gethostname(),
             static_tags=settings.tags,
             exclude_attributes=frozenset(settings.ha_exclude_attributes),
             entity_filter=EntityFilter(settings.ha_include_entities, settings.ha_exclude_entities),
@@ -182,32 +188,13 @@ class HomeAssistantSource:
             self._handle(self._events.popleft())
         self._queue_depth.set(0)
 
-    def _ssl(self) -> ssl.SSLContext | bool:
-        settings = self._settings
-        context = ssl.create_default_context(
-            cafile=str(settings.ha_ca_file) if settings.ha_ca_file else None
-        )
-        if settings.ha_tls_insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
-
     async def _connection(self) -> None:
         """One connection, from connect to close. Returns never: raises why it ended."""
         self.connection_attempts += 1
         settings = self._settings
         assert settings.ha_url is not None
         assert settings.ha_token is not None
-        client = HomeAssistantClient(
-            settings.ha_url,
-            settings.ha_token.get_secret_value(),
-            self._session,
-            ssl_context=self._ssl() if settings.ha_url.startswith("https://") else True,
-            call_timeout=_CALL_TIMEOUT,
-            ping_interval=settings.ha_ping_interval,
-            ping_timeout=settings.ha_ping_timeout,
-            on_events=self._on_events,
-        )
+        client = _client(settings, self._session, on_events=self._on_events)
         try:
             async with client:
                 self._client = client
@@ -232,12 +219,6 @@ class HomeAssistantSource:
             self._probe = None
 
     async def _start_session(self) -> None:
-        config = await self._call("get_config")
-        if not self._settings.instance and isinstance(config, dict) and config.get("location_name"):
-            instance = str(config["location_name"])
-            self._mapper.instance = instance
-            if self._on_instance is not None:
-                self._on_instance(instance)
         try:
             await self._registries.load(self._call)
         except CommandError as exc:
@@ -462,3 +443,60 @@ class HomeAssistantSource:
         if self._hold_ns == start_ns:
             self._hold_ns = None
         self._probe = None
+
+
+def _ssl(settings: Settings) -> ssl.SSLContext | bool:
+    if settings.ha_url is None or not settings.ha_url.startswith("https://"):
+        return True
+    context = ssl.create_default_context(
+        cafile=str(settings.ha_ca_file) if settings.ha_ca_file else None
+    )
+    if settings.ha_tls_insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _client(
+    settings: Settings,
+    session: aiohttp.ClientSession,
+    on_events: Callable[[Events], None] | None = None,
+) -> HomeAssistantClient:
+    assert settings.ha_url is not None
+    assert settings.ha_token is not None
+    return HomeAssistantClient(
+        settings.ha_url,
+        settings.ha_token.get_secret_value(),
+        session,
+        ssl_context=_ssl(settings),
+        call_timeout=_CALL_TIMEOUT,
+        ping_interval=settings.ha_ping_interval,
+        ping_timeout=settings.ha_ping_timeout,
+        on_events=on_events,
+    )
+
+
+async def decide_instance(
+    settings: Settings,
+    checkpoints: Checkpoints,
+    session: aiohttp.ClientSession,
+    wait: float = _INSTANCE_WAIT,
+) -> str:
+    """The ``instance`` tag for this run, decided before the first point and kept."""
+    if settings.instance:
+        return settings.instance
+    if not settings.ha_enabled:
+        return socket.gethostname()
+    saved = checkpoints.load(INSTANCE_KEY)
+    if saved:
+        return saved
+    location = None
+    # Unreachable, refused or slow: the host name, and the source reports why when it connects.
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(wait), _client(settings, session) as client:
+            config = await client.call("get_config")
+            if isinstance(config, dict) and config.get("location_name"):
+                location = str(config["location_name"])
+    instance = location or socket.gethostname()
+    await checkpoints.save(INSTANCE_KEY, instance)
+    return instance
