@@ -102,8 +102,6 @@ def test_device_based_components_get_only_the_shared_options_and_child_devices()
         _config(
             dev={"ids": ["hub1"], "name": "Hub", "sa": "Hall"},
             stat_t="hub1/state",  # shared: components without a state topic use it
-            json_attr_t="hub1/attrs",  # not shared
-            **{"~": "hub1"},  # not shared either
             cmps={
                 "t": {"p": "sensor", "name": "Temperature", "uniq_id": "hub1-t"},
                 "l": {"p": "light", "name": "Lamp", "stat_t": "hub1/lamp", "uniq_id": "hub1-l"},
@@ -122,7 +120,6 @@ def test_device_based_components_get_only_the_shared_options_and_child_devices()
     )
     assert discovery.lookup("hub1/state") == ("sensor.hall_hub_temperature", "Hub")
     assert discovery.lookup("hub1/lamp") == ("light.hall_hub_lamp", "Hub")
-    assert discovery.lookup("hub1/attrs") == (None, None)
     # a child device's entity: area and name of its parent first
     assert discovery.lookup("hub1/c1/power") == ("sensor.hall_hub_outlet_power", "Outlet")
     assert discovery.lookup("hub1/c1/volt") == ("sensor.hall_hub_outlet", "Outlet")

@@ -384,6 +384,28 @@ class HomeAssistant(ServerProcess):
     def fire_event(self, event_type: str, **data: Any) -> Any:
         return self.api("POST", f"/api/events/{event_type}", data)
 
+    # --- integrations ----------------------------------------------------------------------------
+    def add_mqtt(self, host: str, port: int) -> dict[str, Any]:
+        """Set up the MQTT integration against the broker at ``host:port`` (discovery on,
+        prefix ``homeassistant``) through the config flow, as a user would; returns the entry.
+
+        The flow's form differs by release: 2026.11 (it may open with a menu when an add-on
+        could provide the broker) has an ``other_settings`` section that must be sent."""
+        step = self.api("POST", "/api/config/config_entries/flow", {"handler": "mqtt"})
+        for _ in range(5):
+            if step["type"] == "create_entry":
+                return dict(step["result"])
+            if step["type"] == "menu":
+                body: dict[str, Any] = {"next_step_id": "broker"}
+            elif step["type"] == "form" and step["step_id"] == "broker":
+                body = {"broker": host, "port": port}
+                if any(f.get("name") == "other_settings" for f in step["data_schema"]):
+                    body["other_settings"] = {"set_client_cert": False, "set_ca_cert": "off"}
+            else:
+                raise RuntimeError(f"unexpected MQTT config flow step: {step}")
+            step = self.api("POST", f"/api/config/config_entries/flow/{step['flow_id']}", body)
+        raise RuntimeError(f"the MQTT config flow did not finish: {step}")
+
     # --- WebSocket -------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def websocket(self, token: str | None = None) -> AsyncIterator[WebSocketClient]:
