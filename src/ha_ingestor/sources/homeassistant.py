@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -63,6 +64,7 @@ from ha_ingestor.telemetry import ConnState, Telemetry
 TARGET = "homeassistant"
 CHECKPOINT_KEY = "homeassistant.last_event"
 INSTANCE_KEY = "homeassistant.instance"
+_FIRST_CHECKPOINT_MARGIN_NS = 5_000_000_000
 _INSTANCE_WAIT = 10.0  # at the very first start: how long to try for the location name
 _CALL_TIMEOUT = 60.0  # a command's answer (get_states and history can be large and slow)
 _STABLE_AFTER = 30.0  # a connection up this long resets the backoff
@@ -240,6 +242,8 @@ class HomeAssistantSource:
             self._hold_ns = gap_start
             probe = self._probe = LiveProbe()
         await self._subscribe()
+        if gap_start is None and self._durable_ns is None:
+            await self._first_checkpoint()
         if probe is not None and gap_start is not None:
             self._spawn(self._fill_gap(gap_start, probe), "homeassistant-backfill")
 
@@ -388,6 +392,17 @@ class HomeAssistantSource:
         if durable is None:
             return None
         return format_time_ns(durable if hold is None else min(durable, hold))
+
+    async def _first_checkpoint(self) -> None:
+        """The very first subscription: nothing before it is owed, everything after it is.
+        Saved at once, so that a stop before the first regular save (SIGKILL included)
+        back-fills from here. A few seconds early (clocks of two hosts): points back-filled
+        twice collapse into one."""
+        start_ns = time.time_ns() - _FIRST_CHECKPOINT_MARGIN_NS
+        self._durable_ns = start_ns
+        value = format_time_ns(start_ns)
+        await self._checkpoints.save(CHECKPOINT_KEY, value)
+        self._saved = value
 
     async def _checkpoint_loop(self) -> None:
         while True:
