@@ -189,6 +189,43 @@ async def test_a_token_without_admin_rights_fails_clearly_or_works_for_allowed_e
         await wait_for(lambda: len(run.states(since)) >= 1, timeout=30)
 
 
+async def test_an_event_type_home_assistant_refuses_fails_naming_the_variable(
+    home_assistant: HomeAssistant,
+) -> None:
+    ha = home_assistant
+    async with running_source(ha, ha_event_types="state_changed,state_reported") as run:
+        if not ha.release.at_least("2024.4"):
+            # No state_reported event before 2024.4: the name is accepted, nothing comes.
+            await run.wait_connected()
+            return
+        await wait_for(lambda: run.state is ConnState.FAILED, timeout=30)
+        await asyncio.sleep(2)  # a retry would show by now
+        assert run.source.connection_attempts == 1
+        errors = [e.error for e in run.telemetry.recent_errors if e.component == "homeassistant"]
+        assert len(errors) == 1
+        assert "HA_INGESTOR_HA_EVENT_TYPES" in errors[0]
+        assert "state_reported" in errors[0]
+
+
+async def test_excluding_state_changed_leaves_live_state_changes_out(
+    home_assistant: HomeAssistant,
+) -> None:
+    ha = home_assistant
+    async with running_source(ha, ha_exclude_event_types="state_changed") as run:
+        await run.wait_connected()
+        since = time.time()
+        await asyncio.to_thread(ha.set_state, "sensor.excluded_probe", "1")
+        await asyncio.to_thread(ha.fire_event, "excluded_probe_done")
+        await wait_for(lambda: len(run.events("excluded_probe_done", since)) == 1, timeout=30)
+        assert run.states(since) == [], "no state_changed point, live or back-filled"
+        assert (
+            run.metric(
+                "ha_ingestor_events_dropped_total", reason="filtered_event", intentional="true"
+            )
+            >= 1
+        )
+
+
 async def test_a_dead_connection_is_detected_by_ping_and_its_gap_back_filled(
     home_assistant: HomeAssistant,
 ) -> None:
