@@ -203,8 +203,14 @@ class HomeAssistant(ServerProcess):
     name = "hass"
 
     def __init__(
-        self, directory: Path, release: Release = CURRENT, port: int | None = None
+        self,
+        directory: Path,
+        release: Release = CURRENT,
+        port: int | None = None,
+        configuration: str = CONFIGURATION,
     ) -> None:
+        """``configuration`` is a template of configuration.yaml with ``{host}``, ``{port}``
+        and ``{db}`` (the recorder's database path as Home Assistant sees it)."""
         if not release.installed.exists():
             raise RuntimeError(
                 f"{release.installed} is missing: run scripts/bootstrap to install Home "
@@ -222,7 +228,7 @@ class HomeAssistant(ServerProcess):
         self.token = ""
         self.startup_seconds: list[float] = []  # one entry per start, onboarding excluded
         (directory / "configuration.yaml").write_text(
-            CONFIGURATION.format(
+            configuration.format(
                 host=HOST, port=self.port, db=release.path_inside(directory, self.db_path)
             )
         )
@@ -247,7 +253,7 @@ class HomeAssistant(ServerProcess):
         if not self.token:
             self.token = asyncio.run(self._onboard())
             self._wait_token_saved()
-        self.wait_running()
+        self.wait_running(timeout)
         self.startup_seconds.append(time.monotonic() - began)
 
     def stop(self) -> None:
