@@ -337,9 +337,16 @@ async def test_a_restart_of_the_source_back_fills_from_its_checkpoint(
         await run.wait_connected()
         await asyncio.to_thread(burst_of_state_changes, ha, "ckpt_running", 2, 20)
         await wait_for(lambda: len(run.states(since)) >= 40)
-        await wait_for(lambda: checkpoints.load(CHECKPOINT_KEY) is not None, timeout=5)
-        await asyncio.sleep(1.5)  # saved once a second
+        newest = max(x.time_ns for x in run.states(since))
+
+        def saved_past_the_burst() -> bool:
+            saved = checkpoints.load(CHECKPOINT_KEY)
+            return saved is not None and parse_time_ns(saved) >= newest
+
+        # The first subscription saves a checkpoint at once; this waits for the regular one.
+        await wait_for(saved_past_the_burst, timeout=10)
     await asyncio.to_thread(burst_of_state_changes, ha, "ckpt_stopped", 2, 20)
+    restart_checkpoint = checkpoints.load(CHECKPOINT_KEY)
     async with running_source(ha, checkpoints=checkpoints) as run:
         await run.wait_connected()
         await asyncio.to_thread(ha.set_state, "sensor.ckpt_live", "1")  # ends the gap
@@ -350,6 +357,13 @@ async def test_a_restart_of_the_source_back_fills_from_its_checkpoint(
         assert len(recorded) == 40
         assert recorded == stored
         assert run.metric("ha_ingestor_backfilled_points_total") >= 40
-        assert not any("ckpt_running" in x.tags["entity_id"] for x in run.states(since)), (
-            "what was durable before the restart is not fetched again"
+        refetched = [
+            (x.tags["entity_id"], x.time_ns, x.fields["state"])
+            for x in run.states(since)
+            if "ckpt_running" in x.tags["entity_id"]
+        ]
+        assert refetched == [], (
+            "what was durable before the restart is not fetched again",
+            restart_checkpoint,
+            newest,
         )
