@@ -185,9 +185,9 @@ async def running_source(
     buffer = RecordingBuffer()
     checkpoints = checkpoints if checkpoints is not None else MemoryCheckpoints()
     async with aiohttp.ClientSession() as session:
-        settings = load_settings(env)
-        instance = await decide_instance(settings, checkpoints, session)  # as the service does
-        source = HomeAssistantSource(settings, buffer, telemetry, session, checkpoints, instance)
+        loaded = load_settings(env)
+        instance = await decide_instance(loaded, checkpoints, session)  # as the service does
+        source = HomeAssistantSource(loaded, buffer, telemetry, session, checkpoints, instance)
         task = asyncio.create_task(source.run(), name="test-homeassistant-source")
         try:
             yield SourceRun(source, buffer, telemetry, registry, checkpoints, task)
