@@ -7,16 +7,17 @@ import contextlib
 import json
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.service import RunningService, run_service, service_env
+from tests.e2e.service import RunningService, mqtt_rows, numbered, run_service, service_env
 from tests.homeassistant.harness import burst_of_state_changes, switch_and_script
 from tests.support.homeassistant import HomeAssistant
 from tests.support.ingestor import ingestor_process
-from tests.support.servers import InfluxDB1
+from tests.support.mqtt_publisher import publish_many
+from tests.support.servers import InfluxDB1, Mosquitto, free_port
 from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.homeassistant, pytest.mark.timeout(300)]
@@ -296,3 +297,31 @@ async def test_the_ingestor_stopped_while_states_change_stores_each_recorded_sta
             await wait_for(complete, timeout=90, interval=0.5, message="every state stored")
     assert len(recorded) == 100
     assert sorted(stored) == sorted(t for _, t in recorded), "each recorded state exactly once"
+
+
+def rows_stored(influxdb: InfluxDB1, database: str, count: int) -> Callable[[], bool]:
+    return lambda: len(mqtt_rows(influxdb, database)) == count
+
+
+async def test_the_instance_is_decided_before_the_first_point_and_kept(
+    tmp_path: Path,
+    home_assistant: HomeAssistant,
+    mosquitto: Mosquitto,
+    influxdb: InfluxDB1,
+    influx_db: str,
+    topic_prefix: str,
+) -> None:
+    """MQTT points carry Home Assistant's location name from the first one on; a later run
+    that cannot reach Home Assistant keeps the instance decided before."""
+    ha = home_assistant
+    env = service_env(tmp_path, influxdb, influx_db, mosquitto, ha_url=ha.url, ha_token=ha.token)
+    del env["HA_INGESTOR_INSTANCE"]
+    env["HA_INGESTOR_MQTT_TOPICS"] = f"{topic_prefix}/#"
+    for run, ha_url in enumerate([ha.url, f"http://127.0.0.1:{free_port()}"]):
+        env["HA_INGESTOR_HA_URL"] = ha_url  # the second run: nothing listens there
+        async with run_service(env, influxdb, influx_db):
+            # Published at once: before the Home Assistant source has connected.
+            await publish_many(mosquitto.host, mosquitto.port, numbered(topic_prefix, run * 10, 10))
+            await wait_for(rows_stored(influxdb, influx_db, (run + 1) * 10))
+    instances = {row["instance"] for row in mqtt_rows(influxdb, influx_db)}
+    assert instances == {"Test Home"}
