@@ -75,7 +75,9 @@ class IntegrationHomeAssistant(harness.HomeAssistant):
     """The harness's Home Assistant with its ``influxdb`` integration writing to ``influx``."""
 
     def __init__(self, directory: Path, influx: InfluxDB1, entity_glob: str) -> None:
-        super().__init__(directory)
+        # The release on this machine's Python: its integration packages are handed to it on
+        # PYTHONPATH, which the current release's chroot does not pass through.
+        super().__init__(directory, harness.OLDEST)
         with (directory / "configuration.yaml").open("a") as config:
             config.write(
                 "influxdb:\n"
@@ -88,7 +90,7 @@ class IntegrationHomeAssistant(harness.HomeAssistant):
 
 
 def install_integration_packages(target: Path) -> None:
-    hass_python = harness.HASS.parent / "python"
+    hass_python = harness.OLDEST.installed.parent / "python"
     subprocess.run(
         [
             str(hass_python),

@@ -43,13 +43,25 @@ INTEGRATIONS = [
 ]
 
 
+def always_loaded() -> list[str]:
+    """What this release of Home Assistant sets up without being configured to: since 2024.x
+    its bootstrap loads ``DEFAULT_INTEGRATIONS`` (base platforms such as camera and tts among
+    them) even without ``default_config``."""
+    from homeassistant import bootstrap
+
+    names: set[str] = set()
+    for attribute in ("CORE_INTEGRATIONS", "DEFAULT_INTEGRATIONS"):
+        names |= set(getattr(bootstrap, attribute, ()))
+    return sorted(names)
+
+
 def main() -> None:
     from homeassistant import components
 
     root = Path(components.__file__).parent
     seen: set[str] = set()
     requirements: set[str] = set()
-    queue = list(INTEGRATIONS)
+    queue = INTEGRATIONS + always_loaded()
     while queue:
         name = queue.pop()
         if name in seen:

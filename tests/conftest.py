@@ -1,5 +1,9 @@
 """Real servers for the whole suite: one Mosquitto and one InfluxDB 1.x per session, fresh
-databases and topics per test, and function-scoped servers for tests that kill them."""
+databases and topics per test, and function-scoped servers for tests that kill them.
+
+Home Assistant: every test that uses ``home_assistant``, ``fresh_home_assistant`` or
+``ha_release`` runs once per tested release (:data:`tests.support.homeassistant.RELEASES`),
+with ids ``ha2026.11.0`` / ``ha2024.3.3``."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.homeassistant import RELEASES, HomeAssistant, Release
 from tests.support.servers import InfluxDB1, Mosquitto, started
 
 _counter = itertools.count()
@@ -54,3 +59,28 @@ def _logging() -> None:
     from ha_ingestor.telemetry import configure_logging
 
     configure_logging("INFO", "console")
+
+
+@pytest.fixture(scope="session", params=RELEASES, ids=[r.id for r in RELEASES])
+def ha_release(request: pytest.FixtureRequest) -> Release:
+    """The Home Assistant release of this test run."""
+    release: Release = request.param
+    return release
+
+
+@pytest.fixture(scope="session")
+def home_assistant(
+    ha_release: Release, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[HomeAssistant]:
+    """One Home Assistant per release for the session. Tests must not stop it or rely on its
+    entities being untouched by other tests: use entity ids of their own."""
+    directory = tmp_path_factory.mktemp(f"homeassistant-{ha_release.version}")
+    with started(HomeAssistant(directory, ha_release)) as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_home_assistant(ha_release: Release, tmp_path: Path) -> Iterator[HomeAssistant]:
+    """A Home Assistant of the test's own, for tests that stop, kill or restart it."""
+    with started(HomeAssistant(tmp_path / "homeassistant", ha_release)) as server:
+        yield server

@@ -96,8 +96,9 @@ class Service:
             writer = InfluxWriter(settings, client, buffer, telemetry)
             readiness = Readiness(settings, telemetry, buffer)
             columns = ColumnBudgets(checkpoints, telemetry)
+            instance = await self._instance(settings, checkpoints, ha_session)
             sources = self.sources = self._sources(
-                settings, buffer, columns, checkpoints, ha_session
+                settings, buffer, columns, checkpoints, ha_session, instance
             )
             async with HttpServer(
                 settings.http_host, settings.http_port, telemetry, buffer, readiness
@@ -122,6 +123,15 @@ class Service:
                 for task in crashed:
                     task.result()  # a component that ended on its own is a bug: surface it
 
+    async def _instance(
+        self, settings: Settings, checkpoints: Checkpoints, ha_session: aiohttp.ClientSession
+    ) -> str:
+        if not settings.ha_enabled:
+            return default_instance(settings)
+        from ha_ingestor.sources.homeassistant import decide_instance
+
+        return await decide_instance(settings, checkpoints, ha_session)
+
     def _sources(
         self,
         settings: Settings,
@@ -129,31 +139,33 @@ class Service:
         columns: ColumnBudgets,
         checkpoints: Checkpoints,
         ha_session: aiohttp.ClientSession,
+        instance: str,
     ) -> dict[str, Any]:
         sources: dict[str, Any] = {}
-        mqtt: MqttSource | None = None
         static_tags = len(settings.tags)
-        if settings.mqtt_enabled:
-            mqtt = MqttSource(settings, buffer, self.telemetry, default_instance(settings))
-            limit = promoted_budget(settings.influx_max_columns, MQTT_FIXED_COLUMNS, static_tags)
-            mqtt.encoder.limit_columns(columns.budget(MQTT_MEASUREMENT, limit))
-            sources["mqtt"] = mqtt
+        registry = None
         if settings.ha_enabled:
             from ha_ingestor.sources.homeassistant import HomeAssistantSource
 
-            sources["homeassistant"] = HomeAssistantSource(
+            homeassistant = HomeAssistantSource(
                 settings,
                 buffer,
                 self.telemetry,
                 ha_session,
                 checkpoints,
-                # Home Assistant's location name becomes every point's instance tag.
-                on_instance=mqtt.encoder.set_instance if mqtt is not None else None,
+                instance,
                 columns=columns.budget(
                     STATE_MEASUREMENT,
                     promoted_budget(settings.influx_max_columns, STATE_FIXED_COLUMNS, static_tags),
                 ),
             )
+            registry = homeassistant.registries  # names MQTT-discovered entities
+            sources["homeassistant"] = homeassistant
+        if settings.mqtt_enabled:
+            mqtt = MqttSource(settings, buffer, self.telemetry, instance, registry)
+            limit = promoted_budget(settings.influx_max_columns, MQTT_FIXED_COLUMNS, static_tags)
+            mqtt.encoder.limit_columns(columns.budget(MQTT_MEASUREMENT, limit))
+            sources["mqtt"] = mqtt
         return sources
 
     async def _shutdown(

@@ -72,7 +72,9 @@ def _split_csv(value: Any) -> Any:
 
 CsvList = list[str]
 #: ``ha_state`` fields that HA_INGESTOR_HA_STATE_FIELDS_ALWAYS can put on every point.
-STATE_FIELD_CHOICES = frozenset({"attributes", "context", "last_changed", "previous_state"})
+STATE_FIELD_CHOICES = frozenset(
+    {"attributes", "context", "last_changed", "last_reported", "previous_state"}
+)
 
 
 class Settings(BaseModel):
@@ -162,7 +164,8 @@ class Settings(BaseModel):
         description="`ha_state` fields stored on every point rather than only when they carry "
         "information: any of `attributes` (default: when they change), `context` (default: "
         "when another stored event shares it), `last_changed` (default: when it differs from "
-        "the point's time), `previous_state` (default: never; it is the previous point's "
+        "the point's time), `last_reported` (default: when it differs from the point's time; live "
+        "points only), `previous_state` (default: never; it is the previous point's "
         "`state`), or `all`.",
     )
     ha_ca_file: Path | None = Field(None, description="CA bundle for an `https` Home Assistant.")

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from ha_ingestor.config import load_settings
 from ha_ingestor.pipeline.buffer import Checkpoints, MemoryBuffer, MemoryCheckpoints
 from ha_ingestor.record import FieldValue
-from ha_ingestor.sources.homeassistant import HomeAssistantSource
+from ha_ingestor.sources.homeassistant import HomeAssistantSource, decide_instance
 from ha_ingestor.telemetry import ConnState, Telemetry
 from tests.support.homeassistant import HomeAssistant
 from tests.support.waiting import wait_for
@@ -185,7 +185,9 @@ async def running_source(
     buffer = RecordingBuffer()
     checkpoints = checkpoints if checkpoints is not None else MemoryCheckpoints()
     async with aiohttp.ClientSession() as session:
-        source = HomeAssistantSource(load_settings(env), buffer, telemetry, session, checkpoints)
+        loaded = load_settings(env)
+        instance = await decide_instance(loaded, checkpoints, session)  # as the service does
+        source = HomeAssistantSource(loaded, buffer, telemetry, session, checkpoints, instance)
         task = asyncio.create_task(source.run(), name="test-homeassistant-source")
         try:
             yield SourceRun(source, buffer, telemetry, registry, checkpoints, task)

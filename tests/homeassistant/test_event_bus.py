@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.service import RunningService, run_service, service_env
+from tests.e2e.service import RunningService, mqtt_rows, numbered, run_service, service_env
 from tests.homeassistant.harness import burst_of_state_changes, switch_and_script
 from tests.support.homeassistant import HomeAssistant
-from tests.support.servers import InfluxDB1
+from tests.support.ingestor import ingestor_process
+from tests.support.mqtt_publisher import publish_many
+from tests.support.servers import InfluxDB1, Mosquitto, free_port
 from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.homeassistant, pytest.mark.timeout(300)]
@@ -237,3 +240,88 @@ async def test_an_ingestor_restart_backfills_from_the_persisted_checkpoint(
         assert mine <= stored, "the changes made while the ingestor was stopped were back-filled"
         assert stored_point_count(service, since) == len(stored), "no duplicates"
         assert service.metric("ha_ingestor_backfilled_points_total") >= 40
+
+
+def changes_at_a_pace(ha: HomeAssistant, prefix: str, count: int, pause: float) -> None:
+    """``count`` state changes over two entities, one at a time with ``pause`` between."""
+    for i in range(count):
+        ha.set_state(f"sensor.{prefix}_{i % 2}", str(i), {"sequence": i})
+        time.sleep(pause)
+
+
+def stored_in(influxdb: InfluxDB1, database: str, since: float, prefix: str) -> list[int]:
+    """The time (µs) of every ha_state point of ``sensor.<prefix>_*``, duplicates kept apart."""
+    rows = influxdb.rows(
+        f"SELECT state FROM ha_state WHERE time >= {int(since * 1e9)} "
+        f"AND entity_id =~ /^sensor\\.{prefix}_/ GROUP BY entity_id",
+        database,
+    )
+    return [row["time"] // 1000 for row in rows]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+async def test_the_ingestor_stopped_while_states_change_stores_each_recorded_state_once(
+    sig: signal.Signals,
+    tmp_path: Path,
+    home_assistant: HomeAssistant,
+    influxdb: InfluxDB1,
+    influx_db: str,
+) -> None:
+    ha = home_assistant
+    prefix = f"stopped_{sig.name.lower()}_{int(time.time() * 1000) % 100000}"
+    env = service_env(tmp_path, influxdb, influx_db, ha_url=ha.url, ha_token=ha.token)
+    since = time.time()
+    with ingestor_process(env, tmp_path / "ingestor.log") as ingestor:
+        await ingestor.wait_ready()
+        changing = asyncio.create_task(asyncio.to_thread(changes_at_a_pace, ha, prefix, 100, 0.03))
+        await wait_for(
+            lambda: len(stored_in(influxdb, influx_db, since, prefix)) >= 10,
+            timeout=30,
+            message="the first points stored",
+        )
+        assert not changing.done(), "stopped while the states change"
+        await ingestor.stop(sig, timeout=30)
+        await changing
+        ingestor.start()
+        await ingestor.wait_ready()
+        recorded: set[tuple[str, int]] = set()
+        stored: list[int] = []
+
+        def complete() -> bool:
+            nonlocal recorded, stored
+            recorded = ha.recorded_states(since, f"sensor.{prefix}_")
+            stored = stored_in(influxdb, influx_db, since, prefix)
+            return len(recorded) == 100 and sorted(stored) == sorted(t for _, t in recorded)
+
+        with contextlib.suppress(TimeoutError):
+            await wait_for(complete, timeout=90, interval=0.5, message="every state stored")
+    assert len(recorded) == 100
+    assert sorted(stored) == sorted(t for _, t in recorded), "each recorded state exactly once"
+
+
+def rows_stored(influxdb: InfluxDB1, database: str, count: int) -> Callable[[], bool]:
+    return lambda: len(mqtt_rows(influxdb, database)) == count
+
+
+async def test_the_instance_is_decided_before_the_first_point_and_kept(
+    tmp_path: Path,
+    home_assistant: HomeAssistant,
+    mosquitto: Mosquitto,
+    influxdb: InfluxDB1,
+    influx_db: str,
+    topic_prefix: str,
+) -> None:
+    """MQTT points carry Home Assistant's location name from the first one on; a later run
+    that cannot reach Home Assistant keeps the instance decided before."""
+    ha = home_assistant
+    env = service_env(tmp_path, influxdb, influx_db, mosquitto, ha_url=ha.url, ha_token=ha.token)
+    del env["HA_INGESTOR_INSTANCE"]
+    env["HA_INGESTOR_MQTT_TOPICS"] = f"{topic_prefix}/#"
+    for run, ha_url in enumerate([ha.url, f"http://127.0.0.1:{free_port()}"]):
+        env["HA_INGESTOR_HA_URL"] = ha_url  # the second run: nothing listens there
+        async with run_service(env, influxdb, influx_db):
+            # Published at once: before the Home Assistant source has connected.
+            await publish_many(mosquitto.host, mosquitto.port, numbered(topic_prefix, run * 10, 10))
+            await wait_for(rows_stored(influxdb, influx_db, (run + 1) * 10))
+    instances = {row["instance"] for row in mqtt_rows(influxdb, influx_db)}
+    assert instances == {"Test Home"}

@@ -194,6 +194,43 @@ async def test_a_token_without_admin_rights_fails_clearly_or_works_for_allowed_e
         await wait_for(lambda: len(run.states(since)) >= 1, timeout=30)
 
 
+async def test_an_event_type_home_assistant_refuses_fails_naming_the_variable(
+    home_assistant: HomeAssistant,
+) -> None:
+    ha = home_assistant
+    async with running_source(ha, ha_event_types="state_changed,state_reported") as run:
+        if not ha.release.at_least("2024.4"):
+            # No state_reported event before 2024.4: the name is accepted, nothing comes.
+            await run.wait_connected()
+            return
+        await wait_for(lambda: run.state is ConnState.FAILED, timeout=30)
+        await asyncio.sleep(2)  # a retry would show by now
+        assert run.source.connection_attempts == 1
+        errors = [e.error for e in run.telemetry.recent_errors if e.component == "homeassistant"]
+        assert len(errors) == 1
+        assert "HA_INGESTOR_HA_EVENT_TYPES" in errors[0]
+        assert "state_reported" in errors[0]
+
+
+async def test_excluding_state_changed_leaves_live_state_changes_out(
+    home_assistant: HomeAssistant,
+) -> None:
+    ha = home_assistant
+    async with running_source(ha, ha_exclude_event_types="state_changed") as run:
+        await run.wait_connected()
+        since = time.time()
+        await asyncio.to_thread(ha.set_state, "sensor.excluded_probe", "1")
+        await asyncio.to_thread(ha.fire_event, "excluded_probe_done")
+        await wait_for(lambda: len(run.events("excluded_probe_done", since)) == 1, timeout=30)
+        assert run.states(since) == [], "no state_changed point, live or back-filled"
+        assert (
+            run.metric(
+                "ha_ingestor_events_dropped_total", reason="filtered_event", intentional="true"
+            )
+            >= 1
+        )
+
+
 async def test_a_dead_connection_is_detected_by_ping_and_its_gap_back_filled(
     home_assistant: HomeAssistant,
 ) -> None:
@@ -305,9 +342,16 @@ async def test_a_restart_of_the_source_back_fills_from_its_checkpoint(
         await run.wait_connected()
         await asyncio.to_thread(burst_of_state_changes, ha, "ckpt_running", 2, 20)
         await wait_for(lambda: len(run.states(since)) >= 40)
-        await wait_for(lambda: checkpoints.load(CHECKPOINT_KEY) is not None, timeout=5)
-        await asyncio.sleep(1.5)  # saved once a second
+        newest = max(x.time_ns for x in run.states(since))
+
+        def saved_past_the_burst() -> bool:
+            saved = checkpoints.load(CHECKPOINT_KEY)
+            return saved is not None and parse_time_ns(saved) >= newest
+
+        # The first subscription saves a checkpoint at once; this waits for the regular one.
+        await wait_for(saved_past_the_burst, timeout=10)
     await asyncio.to_thread(burst_of_state_changes, ha, "ckpt_stopped", 2, 20)
+    restart_checkpoint = checkpoints.load(CHECKPOINT_KEY)
     async with running_source(ha, checkpoints=checkpoints) as run:
         await run.wait_connected()
         await asyncio.to_thread(ha.set_state, "sensor.ckpt_live", "1")  # ends the gap
@@ -318,6 +362,13 @@ async def test_a_restart_of_the_source_back_fills_from_its_checkpoint(
         assert len(recorded) == 40
         assert recorded == stored
         assert run.metric("ha_ingestor_backfilled_points_total") >= 40
-        assert not any("ckpt_running" in x.tags["entity_id"] for x in run.states(since)), (
-            "what was durable before the restart is not fetched again"
+        refetched = [
+            (x.tags["entity_id"], x.time_ns, x.fields["state"])
+            for x in run.states(since)
+            if "ckpt_running" in x.tags["entity_id"]
+        ]
+        assert refetched == [], (
+            "what was durable before the restart is not fetched again",
+            restart_checkpoint,
+            newest,
         )

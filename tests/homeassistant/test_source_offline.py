@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from ha_ingestor.config import load_settings
 from ha_ingestor.pipeline.buffer import MemoryCheckpoints
 from ha_ingestor.pipeline.ha_events import EntityInfo, format_time_ns, parse_time_ns
+from ha_ingestor.sources.ha_client import CommandError
 from ha_ingestor.sources.ha_registry import Registries
 from ha_ingestor.sources.homeassistant import CHECKPOINT_KEY, HomeAssistantSource
 from ha_ingestor.telemetry import Telemetry
@@ -130,6 +131,8 @@ async def test_registries_resolve_area_device_and_platform() -> None:
     }
 
     async def call(command: str) -> Any:
+        if command not in answers:  # floors and labels: Home Assistant before 2024.4
+            raise CommandError(command, "unknown_command", "Unknown command.")
         return answers[command]
 
     registries = Registries()
@@ -142,3 +145,60 @@ async def test_registries_resolve_area_device_and_platform() -> None:
     answers["config/area_registry/list"][0]["name"] = "Scullery"
     await registries.load(call, "area")
     assert registries.info("switch.coffee").area == "Scullery", "answers are not kept stale"
+
+
+async def test_registries_give_floors_labels_child_device_areas_and_mqtt_entity_ids() -> None:
+    answers: dict[str, Any] = {
+        "config/area_registry/list": [
+            {"area_id": "kitchen", "name": "Kitchen", "floor_id": "ground"},
+            {"area_id": "attic", "name": "Attic", "floor_id": None},
+        ],
+        "config/floor_registry/list": [{"floor_id": "ground", "name": "Ground floor"}],
+        "config/label_registry/list": [
+            {"label_id": "energy", "name": "Energy"},
+            {"label_id": "critical", "name": "Critical"},
+        ],
+        "config/device_registry/list": [
+            {"id": "hub", "area_id": "kitchen", "name": "Hub", "parent_device_id": None},
+            {"id": "child", "area_id": None, "name": "Child", "parent_device_id": "hub"},
+            {"id": "loop", "area_id": None, "name": "Loop", "parent_device_id": "loop"},
+        ],
+        "config/entity_registry/list": [
+            {
+                "entity_id": "sensor.child_power",
+                "platform": "mqtt",
+                "unique_id": "child-power-1",
+                "device_id": "child",
+                "area_id": None,
+                "labels": ["energy", "critical"],
+            },
+            {"entity_id": "sensor.looped", "platform": "x", "device_id": "loop", "area_id": None},
+            {"entity_id": "sensor.up", "platform": "x", "device_id": None, "area_id": "attic"},
+        ],
+    }
+    calls: list[str] = []
+
+    async def call(command: str) -> Any:
+        calls.append(command)
+        return answers[command]
+
+    changes: list[int] = []
+    registries = Registries()
+    registries.on_change(lambda: changes.append(1))
+    await registries.load(call)
+    child = registries.info("sensor.child_power")
+    assert child == EntityInfo("Kitchen", "Child", "mqtt", "Ground floor", "Critical,Energy")
+    assert registries.info("sensor.looped").area is None, "a parent loop ends"
+    assert registries.info("sensor.up") == EntityInfo("Attic", None, "x")
+    assert registries.mqtt_entity_id("sensor", "child-power-1") == "sensor.child_power"
+    assert registries.mqtt_entity_id("switch", "child-power-1") is None, "per domain"
+    assert changes == [1]
+
+    answers["config/floor_registry/list"][0]["name"] = "Level 0"
+    await registries.load(call, "floor")
+    assert registries.info("sensor.child_power").floor == "Level 0"
+    assert changes == [1], "only entity registry loads change MQTT names"
+    answers["config/entity_registry/list"][0]["entity_id"] = "sensor.renamed"
+    await registries.load(call, "entity")
+    assert registries.mqtt_entity_id("sensor", "child-power-1") == "sensor.renamed"
+    assert changes == [1, 1]

@@ -106,6 +106,20 @@ def test_iso_and_history_floats_round_trip_to_the_same_microsecond(micros: int) 
     assert epoch_to_ns(moment.timestamp()) == ns
 
 
+@given(st.floats(min_value=1_500_000_000, max_value=2_000_000_000))
+def test_raw_time_floats_convert_as_home_assistant_converts_them(seconds: float) -> None:
+    # Since 2024.7 the recorder and history hold the raw time.time() float; the live event
+    # carries datetime.fromtimestamp(float, UTC) of it.
+    live = datetime.fromtimestamp(seconds, UTC).isoformat()
+    assert epoch_to_ns(seconds) == parse_time_ns(live)
+
+
+def test_a_float_that_naive_rounding_gets_one_microsecond_wrong() -> None:
+    seconds = 1764612000.0000115  # seconds * 1e6 rounds up, the float itself lies below .5 µs
+    assert round(seconds * 1_000_000) * 1000 != epoch_to_ns(seconds)
+    assert epoch_to_ns(seconds) == parse_time_ns(datetime.fromtimestamp(seconds, UTC).isoformat())
+
+
 # --- state changes -------------------------------------------------------------------------------
 def test_a_numeric_state_change() -> None:
     info = EntityInfo(area="Kitchen", device="Thermometer", platform="mqtt")
@@ -154,6 +168,22 @@ def test_a_numeric_state_change() -> None:
     assert list(json.loads(str(fields["attributes"]))) == sorted(attributes), "sorted keys"
     line = encode_point(point)
     assert line.endswith(f" {T1_NS}")
+
+
+def test_floor_is_a_tag_labels_a_field_and_last_reported_is_kept() -> None:
+    info = EntityInfo(area="Kitchen", floor="Ground floor", labels="Critical,Energy")
+    m = mapper(entity_info=lambda entity_id: info)
+    new = state("sensor.meter", "5") | {"last_reported": "2024-03-15T10:22:00.000002+00:00"}
+    point = mapped(m, state_changed("sensor.meter", new, None))
+    assert point.tags["floor"] == "Ground floor"
+    assert "labels" not in point.tags
+    assert point.fields["labels"] == "Critical,Energy"
+    assert point.fields["last_reported"] == (T1_NS + 60_000_001_000) // 1000 / 1_000_000
+    row = {"s": "5", "a": {}, "lu": T1_NS / 1e9, "lc": T1_NS / 1e9}
+    restored = m.history_point("sensor.meter", row, None)
+    assert restored is not None
+    assert restored.tags == point.tags
+    assert restored.fields["labels"] == "Critical,Energy"
 
 
 @pytest.mark.parametrize(

@@ -126,7 +126,7 @@ def test_discovered_topic_gets_entity_id_and_cache_follows_changes() -> None:
     discovery = DiscoveryMap()
     encoder, _ = _encoder(discovery=discovery, static_tags={"site": "lab"})
     assert "entity_id" not in encoder.encode("z/plug", b"ON", 0, False, T)
-    discovery.update("homeassistant/switch/plug/config", b'{"stat_t":"z/plug","obj_id":"plug"}')
+    discovery.update("homeassistant/switch/plug/config", b'{"stat_t":"z/plug","name":"Plug"}')
     encoder.discovery_changed()
     line = encoder.encode("z/plug", b"ON", 0, False, T)
     assert line.startswith(

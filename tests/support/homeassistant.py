@@ -1,4 +1,11 @@
-"""A real Home Assistant (release 2024.3.3, from .ha-venv) for tests.
+"""A real Home Assistant for tests, of either tested release (:data:`RELEASES`).
+
+The current release needs Python >= 3.14.2, which this project's machines do not have: it runs
+from a Debian forky tree (.ha-current/root, made by scripts/bootstrap-ha-current) through
+``chroot``, in a private mount namespace of its own that mounts ``proc`` and binds the test's
+directory at ``/config`` — both vanish with the process, nothing stays mounted. It shares the
+loopback network, so ports, the WebSocket and the recorder file work as for the oldest supported
+release, which runs from .ha-venv.
 
 Writes a small test configuration (helpers, template sensors, an automation, a script) into a
 directory of its own, starts ``hass`` on a free loopback port, onboards it through the HTTP API
@@ -12,6 +19,7 @@ prepares .ha-venv and the requirements of the integrations loaded here.
 from __future__ import annotations
 
 import asyncio
+import calendar
 import contextlib
 import json
 import signal
@@ -19,6 +27,8 @@ import sqlite3
 import time
 import urllib.request
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +37,76 @@ import aiohttp
 from tests.support.servers import HOST, ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-HASS = ROOT / ".ha-venv" / "bin" / "hass"
+
+
+@dataclass(frozen=True)
+class Release:
+    """A Home Assistant release the tests run against, and how to start it."""
+
+    version: str
+    #: The chroot tree it runs in, or None for a virtual environment on this machine.
+    tree: Path | None
+    hass: Path  # inside ``tree`` when there is one
+
+    @property
+    def id(self) -> str:
+        return f"ha{self.version}"
+
+    @property
+    def installed(self) -> Path:
+        return self.tree / self.hass.relative_to("/") if self.tree else self.hass
+
+    def at_least(self, version: str) -> bool:
+        return _version(self.version) >= _version(version)
+
+    def command(self, config_dir: Path, *args: str) -> list[str]:
+        """``hass -c <config_dir> args...``: in the tree it sees ``config_dir`` as /config."""
+        if self.tree is None:
+            return [str(self.hass), "-c", str(config_dir), *args]
+        inside = [a.replace(str(config_dir), CONFIG_INSIDE) for a in args]
+        return [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            'mount -t proc proc "$1/proc" && mount --bind "$2" "$1/config" && '
+            'tree=$1 && shift 2 && exec chroot "$tree" "$@"',
+            "sh",
+            str(self.tree),
+            str(config_dir),
+            "env",
+            "-i",
+            "PATH=/usr/bin:/bin",
+            "HOME=/root",
+            "LANG=C.UTF-8",
+            f"SSL_CERT_FILE={CA_BUNDLE}",
+            "UV_NATIVE_TLS=1",
+            str(self.hass),
+            "-c",
+            CONFIG_INSIDE,
+            *inside,
+        ]
+
+    def path_inside(self, config_dir: Path, path: Path) -> str:
+        """How Home Assistant sees ``path`` (a file in ``config_dir``)."""
+        if self.tree is None:
+            return str(path)
+        return str(Path(CONFIG_INSIDE) / path.relative_to(config_dir))
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+CONFIG_INSIDE = "/config"
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+CURRENT = Release("2026.11.0", tree=ROOT / ".ha-current" / "root", hass=Path("/opt/ha/bin/hass"))
+OLDEST = Release("2024.3.3", tree=None, hass=ROOT / ".ha-venv" / "bin" / "hass")
+#: Every Home Assistant test runs against each of these (the current release first).
+RELEASES = (CURRENT, OLDEST)
 
 # Only what the tests need: `default_config` would load dozens of integrations and slow every start.
 CONFIGURATION = """
@@ -123,12 +202,22 @@ class HomeAssistant(ServerProcess):
 
     name = "hass"
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
-        if not HASS.exists():
+    def __init__(
+        self,
+        directory: Path,
+        release: Release = CURRENT,
+        port: int | None = None,
+        configuration: str = CONFIGURATION,
+    ) -> None:
+        """``configuration`` is a template of configuration.yaml with ``{host}``, ``{port}``
+        and ``{db}`` (the recorder's database path as Home Assistant sees it)."""
+        if not release.installed.exists():
             raise RuntimeError(
-                f"{HASS} is missing: run scripts/bootstrap to install Home Assistant for the tests"
+                f"{release.installed} is missing: run scripts/bootstrap to install Home "
+                f"Assistant {release.version} for the tests"
             )
         super().__init__(directory)
+        self.release = release
         self.host = HOST
         self.port = port or free_port()
         self.url = f"http://{HOST}:{self.port}"
@@ -139,19 +228,16 @@ class HomeAssistant(ServerProcess):
         self.token = ""
         self.startup_seconds: list[float] = []  # one entry per start, onboarding excluded
         (directory / "configuration.yaml").write_text(
-            CONFIGURATION.format(host=HOST, port=self.port, db=self.db_path)
+            configuration.format(
+                host=HOST, port=self.port, db=release.path_inside(directory, self.db_path)
+            )
         )
 
     # --- process ---------------------------------------------------------------------------------
     def command(self) -> list[str]:
-        return [
-            str(HASS),
-            "-c",
-            str(self.config_dir),
-            "--skip-pip",
-            "--log-file",
-            str(self.ha_log_path),
-        ]
+        return self.release.command(
+            self.config_dir, "--skip-pip", "--log-file", str(self.ha_log_path)
+        )
 
     def is_up(self) -> bool:
         try:
@@ -167,7 +253,7 @@ class HomeAssistant(ServerProcess):
         if not self.token:
             self.token = asyncio.run(self._onboard())
             self._wait_token_saved()
-        self.wait_running()
+        self.wait_running(timeout)
         self.startup_seconds.append(time.monotonic() - began)
 
     def stop(self) -> None:
@@ -304,6 +390,28 @@ class HomeAssistant(ServerProcess):
     def fire_event(self, event_type: str, **data: Any) -> Any:
         return self.api("POST", f"/api/events/{event_type}", data)
 
+    # --- integrations ----------------------------------------------------------------------------
+    def add_mqtt(self, host: str, port: int) -> dict[str, Any]:
+        """Set up the MQTT integration against the broker at ``host:port`` (discovery on,
+        prefix ``homeassistant``) through the config flow, as a user would; returns the entry.
+
+        The flow's form differs by release: 2026.11 (it may open with a menu when an add-on
+        could provide the broker) has an ``other_settings`` section that must be sent."""
+        step = self.api("POST", "/api/config/config_entries/flow", {"handler": "mqtt"})
+        for _ in range(5):
+            if step["type"] == "create_entry":
+                return dict(step["result"])
+            if step["type"] == "menu":
+                body: dict[str, Any] = {"next_step_id": "broker"}
+            elif step["type"] == "form" and step["step_id"] == "broker":
+                body = {"broker": host, "port": port}
+                if any(f.get("name") == "other_settings" for f in step["data_schema"]):
+                    body["other_settings"] = {"set_client_cert": False, "set_ca_cert": "off"}
+            else:
+                raise RuntimeError(f"unexpected MQTT config flow step: {step}")
+            step = self.api("POST", f"/api/config/config_entries/flow/{step['flow_id']}", body)
+        raise RuntimeError(f"the MQTT config flow did not finish: {step}")
+
     # --- WebSocket -------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def websocket(self, token: str | None = None) -> AsyncIterator[WebSocketClient]:
@@ -322,7 +430,8 @@ class HomeAssistant(ServerProcess):
 
     # --- the recorder ----------------------------------------------------------------------------
     def recorded_states(self, since: float, entity_prefix: str = "") -> set[tuple[str, int]]:
-        """(entity_id, last_updated in whole µs since the epoch) of every row the recorder
+        """(entity_id, last_updated in whole µs since the epoch, converted as Home Assistant
+        converts its floats) of every row the recorder
         committed with ``last_updated >= since`` (epoch seconds), for entities starting with
         ``entity_prefix``. HA 2024.3 schema: ``states.metadata_id`` → ``states_meta``."""
         if not self.db_path.exists():
@@ -335,7 +444,7 @@ class HomeAssistant(ServerProcess):
                 "WHERE s.last_updated_ts >= ? AND m.entity_id LIKE ? ESCAPE '\\'",
                 (since, entity_prefix.replace("_", r"\_") + "%"),
             ).fetchall()
-        return {(entity_id, round(ts * 1_000_000)) for entity_id, ts in rows}
+        return {(entity_id, recorder_us(ts)) for entity_id, ts in rows}
 
     def wait_recorded(
         self, since: float, entity_prefix: str, count: int, timeout: float = 60.0
@@ -363,6 +472,13 @@ class HomeAssistant(ServerProcess):
             for line in self.log_text().splitlines()
             if any(message in line.lower() for message in SLOW_CONSUMER_MESSAGES)
         ]
+
+
+def recorder_us(seconds: float) -> int:
+    """A recorder float (epoch seconds) as the µs of the datetime Home Assistant makes of it:
+    ``datetime.fromtimestamp`` rounds half-even to the microsecond."""
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return calendar.timegm(moment.timetuple()) * 1_000_000 + moment.microsecond
 
 
 class WebSocketClient:

@@ -41,7 +41,7 @@ from ha_ingestor.importer.job import BufferSink, CountingSink, Importer, Sink, S
 from ha_ingestor.importer.options import ImportOptionError, ImportOptions
 from ha_ingestor.importer.progress import ImportProgress, progress_for
 from ha_ingestor.pipeline.buffer import Buffer, Checkpoints, MemoryBuffer, MemoryCheckpoints
-from ha_ingestor.pipeline.ha_events import EntityFilter, Mapper, format_time_ns, parse_time_ns
+from ha_ingestor.pipeline.ha_events import format_time_ns, parse_time_ns
 from ha_ingestor.pipeline.ha_statistics import StatisticsMapper
 from ha_ingestor.pipeline.spool import SpoolError, SqliteSpool, read_checkpoint
 from ha_ingestor.sinks.dead_letter import DEAD_LETTER_FILE, DeadLetterFile
@@ -50,6 +50,8 @@ from ha_ingestor.sinks.writer import InfluxWriter
 from ha_ingestor.sources.ha_client import AuthInvalidError, CommandError, HomeAssistantClient
 from ha_ingestor.sources.ha_registry import Registries
 from ha_ingestor.sources.homeassistant import CHECKPOINT_KEY as LIVE_CHECKPOINT_KEY
+from ha_ingestor.sources.homeassistant import INSTANCE_KEY as LIVE_INSTANCE_KEY
+from ha_ingestor.sources.homeassistant import event_mapper
 from ha_ingestor.telemetry import Telemetry
 from ha_ingestor.tls import ha_tls_context
 
@@ -319,23 +321,25 @@ async def _import(
 ) -> tuple[Summary, Sink]:
     await _require_admin(client)
     config = await client.call("get_config")
-    instance = settings.instance or (
-        str(config["location_name"])
-        if isinstance(config, dict) and config.get("location_name")
-        else socket.gethostname()
+    # The instance the service decided on (kept in its spool), so the series are its series.
+    live_instance = None
+    if settings.spool_enabled:
+        with contextlib.suppress(SpoolError):
+            live_instance = read_checkpoint(settings.spool_dir, LIVE_INSTANCE_KEY)
+    instance = (
+        settings.instance
+        or live_instance
+        or (
+            str(config["location_name"])
+            if isinstance(config, dict) and config.get("location_name")
+            else socket.gethostname()
+        )
     )
     registries = Registries()
     with contextlib.suppress(CommandError):
         await registries.load(client.call)
     # The same mapping, filters and tags as the live source, so the points are the same.
-    mapper = Mapper(
-        instance=instance,
-        static_tags=settings.tags,
-        exclude_attributes=frozenset(settings.ha_exclude_attributes),
-        entity_filter=EntityFilter(settings.ha_include_entities, settings.ha_exclude_entities),
-        exclude_event_types=frozenset(settings.ha_exclude_event_types),
-        entity_info=registries.info,
-    )
+    mapper = event_mapper(settings, instance, registries.info)
     statistics_mapper = StatisticsMapper(instance=instance, static_tags=settings.tags)
     sink: Sink = CountingSink() if options.dry_run else BufferSink(buffer, telemetry)
     importer = Importer(

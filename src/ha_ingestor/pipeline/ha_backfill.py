@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from ha_ingestor.line_protocol import encode_point
 from ha_ingestor.pipeline.buffer import Buffer
-from ha_ingestor.pipeline.ha_events import Mapper, format_time_ns, parse_time_ns
+from ha_ingestor.pipeline.ha_events import Mapper, epoch_to_ns, format_time_ns, parse_time_ns
 from ha_ingestor.record import Point
 from ha_ingestor.telemetry import Telemetry
 
@@ -71,13 +71,15 @@ def history_points(
     """The points for one entity's history rows, in order.
 
     With ``include_start_time_state`` the first row may be the recorder's state *at*
-    ``start_ns`` (its ``lu`` is the start time itself; real rows are strictly later): it is
-    not a change, only the previous state of the first real row.
+    ``start_ns`` (its ``lu`` is the start time itself): it is not a change, only the previous
+    state of the first real row. Home Assistant 2026.11 may also return the real row whose
+    ``lu`` is exactly ``start_ns`` after it — the change the gap starts with, already stored:
+    no row at or before ``start_ns`` becomes a point.
     """
-    start_us = start_ns // 1000
+    start_ns = start_ns // 1000 * 1000
     previous: Mapping[str, Any] | None = None
-    for index, row in enumerate(rows):
-        if index == 0 and round(float(row["lu"]) * 1_000_000) <= start_us:
+    for row in rows:
+        if epoch_to_ns(float(row["lu"])) <= start_ns:
             previous = row
             continue
         point = mapper.history_point(entity_id, row, previous)

@@ -49,13 +49,21 @@ def parse_time_ns(text: str) -> int:
     moment = datetime.fromisoformat(text)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    delta = moment - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+    return _datetime_ns(moment)
 
 
 def epoch_to_ns(seconds: float) -> int:
-    """History's float epoch seconds → ns, rounded to the microsecond Home Assistant stored."""
-    return round(seconds * 1_000_000) * 1000
+    """The recorder's and history's float epoch seconds → ns, converted exactly as Home
+    Assistant turns the same float into the datetime its live events carry
+    (``datetime.fromtimestamp(seconds, UTC)``: round-half-even to the microsecond).
+    ``round(seconds * 1e6)`` differs by 1 µs for about one float in eight: the product is
+    rounded once more before ``round`` sees it."""
+    return _datetime_ns(datetime.fromtimestamp(seconds, UTC))
+
+
+def _datetime_ns(moment: datetime) -> int:
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
 
 
 def format_time_ns(time_ns: int) -> str:
@@ -98,6 +106,8 @@ class EntityInfo:
     area: str | None = None
     device: str | None = None
     platform: str | None = None
+    floor: str | None = None  # of the area
+    labels: str | None = None  # the entity's label names, sorted, comma-separated
 
 
 @dataclass
@@ -144,11 +154,13 @@ class Mapper:
             last_changed = new_state.get("last_changed")
             if isinstance(last_changed, str):
                 self._last_changed_field(parse_time_ns(last_changed), time_ns, fields)
+            self._last_reported_field(new_state.get("last_reported"), time_ns, fields)
             context = new_state.get("context") or context
         if old_state is not None and "previous_state" in self.state_fields_always:
             fields["previous_state"] = str(old_state.get("state", ""))
         if self._context_is_linked(context):
             _context_fields(context, fields)
+        self._labels_field(entity_id, fields)
         return Point(STATE_MEASUREMENT, tags, fields, time_ns)
 
     def history_point(
@@ -190,6 +202,7 @@ class Mapper:
             and "previous_state" in self.state_fields_always
         ):
             fields["previous_state"] = str(previous.get("s", ""))
+        self._labels_field(entity_id, fields)
         return Point(STATE_MEASUREMENT, tags, fields, time_ns)
 
     def _state_tags(self, entity_id: str, state: Mapping[str, Any]) -> dict[str, str]:
@@ -213,7 +226,15 @@ class Mapper:
             tags["device"] = info.device
         if info.platform:
             tags["platform"] = info.platform
+        if info.floor:
+            tags["floor"] = info.floor
         return tags
+
+    def _labels_field(self, entity_id: str, fields: dict[str, FieldValue]) -> None:
+        """Labels are a field, not a tag: users add them without bound."""
+        labels = self.entity_info(entity_id).labels
+        if labels:
+            fields["labels"] = labels
 
     def _attribute_fields(
         self,
@@ -255,6 +276,19 @@ class Mapper:
         stayed, attributes changed), or always when configured."""
         if last_changed_ns != time_ns or "last_changed" in self.state_fields_always:
             fields["last_changed"] = _seconds(last_changed_ns)
+
+    def _last_reported_field(
+        self, last_reported: Any, time_ns: int, fields: dict[str, FieldValue]
+    ) -> None:
+        """``last_reported`` (Home Assistant 2024.4+): when the state was last written, changed
+        or not. A state change reports it equal to its own time, so by default it is stored only
+        when it says more — which also keeps a back-filled point (history has no
+        ``last_reported``) equal to the live one."""
+        if not isinstance(last_reported, str):
+            return
+        reported_ns = parse_time_ns(last_reported)
+        if reported_ns != time_ns or "last_reported" in self.state_fields_always:
+            fields["last_reported"] = _seconds(reported_ns)
 
     def _context_is_linked(self, context: Mapping[str, Any] | None) -> bool:
         """Whether a state's context links it to something: a stored event of the same

@@ -71,11 +71,6 @@ class MqttMessageEncoder:
         self._columns = columns
         self._assignments.clear()
 
-    def set_instance(self, instance: str) -> None:
-        if instance != self._instance:
-            self._instance = instance
-            self._series.clear()
-
     def discovery_changed(self) -> None:
         self._series.clear()
 

@@ -2,7 +2,7 @@
 
 The protocol — connect, authenticate, commands, the event stream, the ping — is
 :class:`~ha_ingestor.sources.ha_client.HomeAssistantClient`; this module is the ingest loop
-around it. Per connection: read ``get_config`` (the ``instance`` tag) and the entity/device/area
+around it. Per connection: read the entity, device, area, floor and label
 registries, subscribe to events, then back-fill the gap since the last stored event from the
 recorder's history (:mod:`ha_ingestor.pipeline.ha_backfill`).
 
@@ -15,10 +15,17 @@ feels back-pressure.
 Errors:
 - transport errors (refused, closed, no pong, malformed frame) → ``RECONNECTING``, capped
   jittered exponential backoff, reconnect, resubscribe, back-fill;
-- :class:`AuthInvalidError` (``auth_invalid``) and :class:`NotAllowedError` (a non-admin
-  token asked for all events) → ``FAILED`` with an actionable message and no more attempts:
-  repeated bad logins get an IP banned, and only the operator can fix either;
+- :class:`AuthInvalidError` (``auth_invalid``), :class:`NotAllowedError` (a non-admin
+  token asked for all events) and :class:`EventTypeRefusedError` (Home Assistant refuses to
+  subscribe to an event named in ``HA_INGESTOR_HA_EVENT_TYPES``, e.g. ``state_reported``)
+  → ``FAILED`` with an actionable message and no more attempts: repeated bad logins get an
+  IP banned, and only the operator can fix any of them;
 - :class:`CommandError` — Home Assistant answered a command with an error.
+
+Instance: the ``instance`` tag of every point (MQTT's too) is decided once, before the first
+point, by :func:`decide_instance` — ``HA_INGESTOR_INSTANCE``, else the one decided on an earlier
+run (kept with the checkpoints), else Home Assistant's location name, else the host name — and
+never changes while running, so no series is split when Home Assistant connects.
 
 Checkpoint: ``homeassistant.last_event`` holds the time of the newest event whose point is
 durable, held back to the start of a gap until that gap's back-fill is durable too; a restart
@@ -30,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -43,7 +51,13 @@ from ha_ingestor.line_protocol import encode_point
 from ha_ingestor.pipeline.buffer import Buffer, Checkpoints
 from ha_ingestor.pipeline.columns import ColumnBudget
 from ha_ingestor.pipeline.ha_backfill import HistoryBackfill, LiveProbe
-from ha_ingestor.pipeline.ha_events import EntityFilter, Mapper, format_time_ns, parse_time_ns
+from ha_ingestor.pipeline.ha_events import (
+    EntityFilter,
+    EntityInfo,
+    Mapper,
+    format_time_ns,
+    parse_time_ns,
+)
 from ha_ingestor.sources.ha_client import (
     AuthInvalidError,
     CommandError,
@@ -56,6 +70,9 @@ from ha_ingestor.tls import ha_tls_context
 
 TARGET = "homeassistant"
 CHECKPOINT_KEY = "homeassistant.last_event"
+INSTANCE_KEY = "homeassistant.instance"
+_FIRST_CHECKPOINT_MARGIN_NS = 5_000_000_000
+_INSTANCE_WAIT = 10.0  # at the very first start: how long to try for the location name
 _CALL_TIMEOUT = 60.0  # a command's answer (get_states and history can be large and slow)
 _STABLE_AFTER = 30.0  # a connection up this long resets the backoff
 _REGISTRY_DEBOUNCE = 0.5  # registry events come in bursts: re-fetch once per burst
@@ -66,6 +83,30 @@ class NotAllowedError(Exception):
     """The token may not do what the source needs (a non-admin user's token)."""
 
 
+class EventTypeRefusedError(Exception):
+    """Home Assistant refuses to subscribe to an event type the configuration names."""
+
+
+def event_mapper(
+    settings: Settings,
+    instance: str,
+    entity_info: Callable[[str], EntityInfo],
+    columns: ColumnBudget | None = None,
+) -> Mapper:
+    """The event → point mapping the settings ask for: live, back-filled and imported points
+    all come from one, so they are the same points."""
+    return Mapper(
+        instance=instance,
+        static_tags=settings.tags,
+        exclude_attributes=frozenset(settings.ha_exclude_attributes),
+        entity_filter=EntityFilter(settings.ha_include_entities, settings.ha_exclude_entities),
+        exclude_event_types=frozenset(settings.ha_exclude_event_types),
+        entity_info=entity_info,
+        state_fields_always=frozenset(settings.ha_state_fields_always),
+        columns=columns,
+    )
+
+
 class HomeAssistantSource:
     def __init__(
         self,
@@ -74,7 +115,7 @@ class HomeAssistantSource:
         telemetry: Telemetry,
         session: aiohttp.ClientSession,
         checkpoints: Checkpoints,
-        on_instance: Callable[[str], None] | None = None,
+        instance: str | None = None,
         columns: ColumnBudget | None = None,
     ) -> None:
         if settings.ha_url is None or settings.ha_token is None:
@@ -84,17 +125,12 @@ class HomeAssistantSource:
         self._telemetry = telemetry
         self._session = session
         self._checkpoints = checkpoints
-        self._on_instance = on_instance
         self._registries = Registries()
-        self._mapper = Mapper(
-            instance=settings.instance or socket.gethostname(),
-            static_tags=settings.tags,
-            exclude_attributes=frozenset(settings.ha_exclude_attributes),
-            entity_filter=EntityFilter(settings.ha_include_entities, settings.ha_exclude_entities),
-            exclude_event_types=frozenset(settings.ha_exclude_event_types),
-            entity_info=self._registries.info,
-            state_fields_always=frozenset(settings.ha_state_fields_always),
-            columns=columns,
+        self._mapper = event_mapper(
+            settings,
+            instance or settings.instance or socket.gethostname(),
+            self._registries.info,
+            columns,
         )
         self._backfill = HistoryBackfill(
             self._call,
@@ -106,6 +142,8 @@ class HomeAssistantSource:
         self._wants_states = (
             not settings.ha_event_types or "state_changed" in settings.ha_event_types
         ) and "state_changed" not in settings.ha_exclude_event_types
+        # Every excluded event type, state_changed included (the mapper only sees the others).
+        self._excluded_event_types = frozenset(settings.ha_exclude_event_types)
         self._received = telemetry.metrics.events_received.labels(TARGET)
         self._queue_depth = telemetry.metrics.queue_depth.labels(TARGET)
         # reader → processor
@@ -133,6 +171,12 @@ class HomeAssistantSource:
     def mapper(self) -> Mapper:
         return self._mapper
 
+    @property
+    def registries(self) -> Registries:
+        """Home Assistant's registries as this source keeps them current (the MQTT side
+        names discovered entities from them)."""
+        return self._registries
+
     # --- lifecycle ---------------------------------------------------------------------------------
     async def run(self) -> None:
         """Connect, reconnect and process until cancelled."""
@@ -148,7 +192,7 @@ class HomeAssistantSource:
                     began = loop.time()
                     try:
                         await self._connection()
-                    except (AuthInvalidError, NotAllowedError) as exc:
+                    except (AuthInvalidError, NotAllowedError, EventTypeRefusedError) as exc:
                         telemetry.set_state(TARGET, ConnState.FAILED, error=str(exc))
                         await asyncio.Event().wait()  # stay up, not ready, until stopped
                     except (
@@ -178,16 +222,7 @@ class HomeAssistantSource:
         settings = self._settings
         assert settings.ha_url is not None
         assert settings.ha_token is not None
-        client = HomeAssistantClient(
-            settings.ha_url,
-            settings.ha_token.get_secret_value(),
-            self._session,
-            ssl_context=ha_tls_context(settings),
-            call_timeout=_CALL_TIMEOUT,
-            ping_interval=settings.ha_ping_interval,
-            ping_timeout=settings.ha_ping_timeout,
-            on_events=self._on_events,
-        )
+        client = _client(settings, self._session, on_events=self._on_events)
         try:
             async with client:
                 self._client = client
@@ -212,12 +247,6 @@ class HomeAssistantSource:
             self._probe = None
 
     async def _start_session(self) -> None:
-        config = await self._call("get_config")
-        if not self._settings.instance and isinstance(config, dict) and config.get("location_name"):
-            instance = str(config["location_name"])
-            self._mapper.instance = instance
-            if self._on_instance is not None:
-                self._on_instance(instance)
         try:
             await self._registries.load(self._call)
         except CommandError as exc:
@@ -239,6 +268,8 @@ class HomeAssistantSource:
             self._hold_ns = gap_start
             probe = self._probe = LiveProbe()
         await self._subscribe()
+        if gap_start is None and self._durable_ns is None:
+            await self._first_checkpoint()
         if probe is not None and gap_start is not None:
             self._spawn(self._fill_gap(gap_start, probe), "homeassistant-backfill")
 
@@ -246,7 +277,16 @@ class HomeAssistantSource:
         try:
             if self._settings.ha_event_types:
                 for event_type in self._settings.ha_event_types:
-                    await self._call("subscribe_events", event_type=event_type)
+                    try:
+                        await self._call("subscribe_events", event_type=event_type)
+                    except CommandError as exc:
+                        if exc.code == "unauthorized":
+                            raise
+                        raise EventTypeRefusedError(
+                            f"Home Assistant refused to subscribe to {event_type!r}, named in "
+                            f"HA_INGESTOR_HA_EVENT_TYPES ({exc.code}: {exc}). Remove it from "
+                            "HA_INGESTOR_HA_EVENT_TYPES and restart."
+                        ) from None
             else:
                 await self._call("subscribe_events")
         except CommandError as exc:
@@ -319,6 +359,9 @@ class HomeAssistantSource:
             self._dirty_registries.add(REGISTRY_EVENTS[event_type])
             self._registries_dirty.set()
         telemetry = self._telemetry
+        if event_type in self._excluded_event_types:
+            telemetry.dropped("filtered_event", intentional=True)
+            return
         try:
             if event_type == "state_changed":
                 entity_id = (event.get("data") or {}).get("entity_id")
@@ -376,6 +419,17 @@ class HomeAssistantSource:
             return None
         return format_time_ns(durable if hold is None else min(durable, hold))
 
+    async def _first_checkpoint(self) -> None:
+        """The very first subscription: nothing before it is owed, everything after it is.
+        Saved at once, so that a stop before the first regular save (SIGKILL included)
+        back-fills from here. A few seconds early (clocks of two hosts): points back-filled
+        twice collapse into one."""
+        start_ns = time.time_ns() - _FIRST_CHECKPOINT_MARGIN_NS
+        self._durable_ns = start_ns
+        value = format_time_ns(start_ns)
+        await self._checkpoints.save(CHECKPOINT_KEY, value)
+        self._saved = value
+
     async def _checkpoint_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
@@ -430,3 +484,48 @@ class HomeAssistantSource:
         if self._hold_ns == start_ns:
             self._hold_ns = None
         self._probe = None
+
+
+def _client(
+    settings: Settings,
+    session: aiohttp.ClientSession,
+    on_events: Callable[[Events], None] | None = None,
+) -> HomeAssistantClient:
+    assert settings.ha_url is not None
+    assert settings.ha_token is not None
+    return HomeAssistantClient(
+        settings.ha_url,
+        settings.ha_token.get_secret_value(),
+        session,
+        ssl_context=ha_tls_context(settings),
+        call_timeout=_CALL_TIMEOUT,
+        ping_interval=settings.ha_ping_interval,
+        ping_timeout=settings.ha_ping_timeout,
+        on_events=on_events,
+    )
+
+
+async def decide_instance(
+    settings: Settings,
+    checkpoints: Checkpoints,
+    session: aiohttp.ClientSession,
+    wait: float = _INSTANCE_WAIT,
+) -> str:
+    """The ``instance`` tag for this run, decided before the first point and kept."""
+    if settings.instance:
+        return settings.instance
+    if not settings.ha_enabled:
+        return socket.gethostname()
+    saved = checkpoints.load(INSTANCE_KEY)
+    if saved:
+        return saved
+    location = None
+    # Unreachable, refused or slow: the host name, and the source reports why when it connects.
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(wait), _client(settings, session) as client:
+            config = await client.call("get_config")
+            if isinstance(config, dict) and config.get("location_name"):
+                location = str(config["location_name"])
+    instance = location or socket.gethostname()
+    await checkpoints.save(INSTANCE_KEY, instance)
+    return instance

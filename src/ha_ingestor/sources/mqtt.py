@@ -27,7 +27,7 @@ from ha_ingestor.backoff import Backoff
 from ha_ingestor.config import Settings
 from ha_ingestor.errors import describe
 from ha_ingestor.pipeline.buffer import Buffer
-from ha_ingestor.pipeline.mqtt_discovery import DiscoveryMap
+from ha_ingestor.pipeline.mqtt_discovery import DiscoveryMap, MqttEntityRegistry
 from ha_ingestor.pipeline.mqtt_messages import MqttMessageEncoder
 from ha_ingestor.sources.mqtt_fast_path import PublishFastPath
 from ha_ingestor.telemetry import ConnState, Telemetry
@@ -130,12 +130,17 @@ class MqttSource:
     """Feeds ``mqtt_message`` lines into the buffer until cancelled."""
 
     def __init__(
-        self, settings: Settings, buffer: Buffer, telemetry: Telemetry, instance: str
+        self,
+        settings: Settings,
+        buffer: Buffer,
+        telemetry: Telemetry,
+        instance: str,
+        entity_registry: MqttEntityRegistry | None = None,
     ) -> None:
         self._settings = settings
         self._buffer = buffer
         self._telemetry = telemetry
-        self._discovery = DiscoveryMap(settings.mqtt_discovery_prefix)
+        self._discovery = DiscoveryMap(settings.mqtt_discovery_prefix, entity_registry)
         self._encoder = MqttMessageEncoder(
             instance=instance,
             static_tags=settings.tags,
@@ -144,6 +149,8 @@ class MqttSource:
             max_fields=settings.mqtt_max_fields,
             on_invalid=self._invalid,
         )
+        if entity_registry is not None:
+            entity_registry.on_change(self._encoder.discovery_changed)
         self._include = TopicFilters(settings.mqtt_topics)
         self._exclude = TopicFilters(settings.mqtt_exclude_topics)
         self._replays = RetainedReplays()
