@@ -20,7 +20,7 @@ import pytest
 from ha_ingestor.importer.command import IMPORT_SPOOL
 from ha_ingestor.importer.job import ACTIVE_KEY, checkpoint_key
 from ha_ingestor.pipeline.spool import read_checkpoint
-from ha_ingestor.sources.homeassistant import CHECKPOINT_KEY
+from ha_ingestor.sources.homeassistant import CHECKPOINT_KEY, FIRST_BACKFILL_NS
 from tests.homeassistant.harness import running_source
 from tests.homeassistant.recorder import (
     ha_version,
@@ -275,6 +275,9 @@ async def test_import_beside_a_live_service_stores_every_state_once(
     since = datetime.now(UTC) - timedelta(minutes=10)
     before = await asyncio.to_thread(_set_states, ha, tag, 10)
     await wait_for(lambda: len(recorded_states(ha, f"sensor.{tag}_")) >= before, timeout=60)
+    # The service back-fills the few seconds before its first subscription itself: wait until
+    # these states are older than that, so that only the import can store them.
+    await asyncio.sleep(FIRST_BACKFILL_NS / 1e9 + 0.5)
     spool = tmp_path / "spool"
     env = import_env(ha, influxdb, influx_db, str(spool))
     service_env = {

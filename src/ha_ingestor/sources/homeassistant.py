@@ -71,7 +71,8 @@ from ha_ingestor.tls import ha_tls_context
 TARGET = "homeassistant"
 CHECKPOINT_KEY = "homeassistant.last_event"
 INSTANCE_KEY = "homeassistant.instance"
-_FIRST_CHECKPOINT_MARGIN_NS = 5_000_000_000
+#: At the very first subscription, the span before it that is back-filled too.
+FIRST_BACKFILL_NS = 5_000_000_000
 _INSTANCE_WAIT = 10.0  # at the very first start: how long to try for the location name
 _CALL_TIMEOUT = 60.0  # a command's answer (get_states and history can be large and slow)
 _STABLE_AFTER = 30.0  # a connection up this long resets the backoff
@@ -263,13 +264,19 @@ class HomeAssistantSource:
         gap_start = self._hold_ns
         if gap_start is None and self._last_received is not None:
             gap_start = parse_time_ns(self._last_received)
+        first = gap_start is None and self._durable_ns is None
+        if first:
+            # The very first subscription: the few seconds before it are back-filled too, so
+            # that the first checkpoint is true — everything after it is stored (an import
+            # stops there).
+            gap_start = time.time_ns() - FIRST_BACKFILL_NS
         probe = None
         if gap_start is not None and self._wants_states:
             self._hold_ns = gap_start
             probe = self._probe = LiveProbe()
         await self._subscribe()
-        if gap_start is None and self._durable_ns is None:
-            await self._first_checkpoint()
+        if first and gap_start is not None:
+            await self._first_checkpoint(gap_start)
         if probe is not None and gap_start is not None:
             self._spawn(self._fill_gap(gap_start, probe), "homeassistant-backfill")
 
@@ -419,12 +426,11 @@ class HomeAssistantSource:
             return None
         return format_time_ns(durable if hold is None else min(durable, hold))
 
-    async def _first_checkpoint(self) -> None:
-        """The very first subscription: nothing before it is owed, everything after it is.
-        Saved at once, so that a stop before the first regular save (SIGKILL included)
-        back-fills from here. A few seconds early (clocks of two hosts): points back-filled
-        twice collapse into one."""
-        start_ns = time.time_ns() - _FIRST_CHECKPOINT_MARGIN_NS
+    async def _first_checkpoint(self, start_ns: int) -> None:
+        """The very first subscription: nothing before ``start_ns`` is owed, everything after
+        it is. Saved at once, so that a stop before the first regular save (SIGKILL included)
+        back-fills from here. A few seconds before the subscription (clocks of two hosts):
+        points stored twice collapse into one."""
         self._durable_ns = start_ns
         value = format_time_ns(start_ns)
         await self._checkpoints.save(CHECKPOINT_KEY, value)
