@@ -46,6 +46,8 @@ _CONNECT_TIMEOUT = 10.0
 _MAX_CACHED_TOPICS = 100_000
 _ACK_ON_SHUTDOWN_TIMEOUT = 2.0
 _RECEIVE_MAXIMUM = 65535
+# At a trickle, read the socket at most every 100 ms: several messages per wake-up.
+_READ_COALESCING = 0.1
 
 
 class TopicFilters:
@@ -275,6 +277,7 @@ class MqttSource:
             ),
             ssl=self._ssl,
             timeout=_CONNECT_TIMEOUT,
+            read_coalescing=_READ_COALESCING,
         )
 
     async def _open(self) -> MqttConnection:

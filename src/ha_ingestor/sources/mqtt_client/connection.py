@@ -37,6 +37,14 @@ from ha_ingestor.sources.mqtt_client.codec import (
 
 _ACK = struct.Struct("!BBH")
 _ACK_KIND = {1: codec.PUBACK << 4, 2: codec.PUBREC << 4}
+# Reasons reading is paused, as bits: the caller's back-pressure, and read coalescing.
+_BACK_PRESSURE = 1
+_COALESCING = 2
+#: A read this small means a trickle: wait a moment before the next (see read_coalescing).
+_SMALL_READ = 16 * 1024
+#: ... unless this many messages wait for acknowledgement: a broker that limits the messages
+#: in flight (Mosquitto: 20 by default) sends more only after acknowledgements.
+_COALESCE_BELOW_UNACKED = 16
 
 
 class ConnectRefusedError(MqttError):
@@ -71,6 +79,10 @@ class ConnectOptions:
     password: str | None = field(default=None, repr=False)
     ssl: ssl.SSLContext | None = None
     timeout: float = 10.0  # for TCP + TLS + CONNACK, and for each SUBACK
+    #: At a trickle, read the socket at most this often (seconds, 0 = at once): one wake-up
+    #: for several messages instead of one each, for at most that much added latency. A
+    #: large read (a burst) is followed by the next one at once.
+    read_coalescing: float = 0.0
 
 
 class _Protocol(asyncio.Protocol):
@@ -106,7 +118,8 @@ class MqttConnection:
         that follows the CONNACK is handed to ``on_publish``."""
         self.options = options
         self._on_connack = on_connack
-        self._decoder = codec.Decoder(on_publish, self._on_control, options.version)
+        self._on_publish = on_publish
+        self._decoder = codec.Decoder(self._publish, self._on_control, options.version)
         self._transport: asyncio.Transport | None = None
         loop = asyncio.get_running_loop()
         self._loop = loop
@@ -118,7 +131,8 @@ class MqttConnection:
         self._keepalive = options.keepalive
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._last_in = self._last_out = time.monotonic()
-        self._reading = True
+        self._paused = 0  # _BACK_PRESSURE | _COALESCING
+        self._unacked = 0  # QoS 1/2 messages received and not acknowledged
         self._closing = False  # close() or abort() of ours
         self.session_present = False
 
@@ -229,18 +243,28 @@ class MqttConnection:
             return False
         pack, kinds = _ACK.pack, _ACK_KIND
         self._write(b"".join([pack(kinds[qos], 2, packet_id) for qos, packet_id in acks]))
+        self._unacked -= len(acks)
         return True
 
     def pause_reading(self) -> None:
         """Stop reading the socket (back-pressure): the broker holds what it has not sent."""
-        if self._transport is not None and self._reading and not self._transport.is_closing():
-            self._reading = False
-            self._transport.pause_reading()
+        self._pause(_BACK_PRESSURE)
 
     def resume_reading(self) -> None:
-        if self._transport is not None and not self._reading and not self._transport.is_closing():
-            self._reading = True
-            self._transport.resume_reading()
+        self._resume(_BACK_PRESSURE)
+
+    def _pause(self, reason: int) -> None:
+        transport = self._transport
+        if transport is not None and not self._paused and not transport.is_closing():
+            transport.pause_reading()
+        self._paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        was_paused = self._paused
+        self._paused &= ~reason
+        transport = self._transport
+        if was_paused and not self._paused and transport and not transport.is_closing():
+            transport.resume_reading()
 
     # --- internals -------------------------------------------------------------------------------
     def _packet_id(self) -> int:
@@ -259,8 +283,26 @@ class MqttConnection:
             self._decoder.feed(data)
         except ProtocolError as exc:
             self._fail(exc)
+            return
         except Exception as exc:  # a failing callback must not leave the stream half-read
             self._fail(ConnectionLostError(f"message handler failed: {type(exc).__name__}: {exc}"))
+            return
+        coalescing = self.options.read_coalescing
+        if (
+            coalescing
+            and len(data) < _SMALL_READ
+            and self._unacked < _COALESCE_BELOW_UNACKED
+            and not self._paused
+        ):
+            self._pause(_COALESCING)
+            self._loop.call_later(coalescing, self._resume, _COALESCING)
+
+    def _publish(
+        self, topic: str, payload: bytes, qos: int, retain: bool, dup: bool, packet_id: int
+    ) -> None:
+        if qos:
+            self._unacked += 1
+        self._on_publish(topic, payload, qos, retain, dup, packet_id)
 
     def _on_control(self, packet: ControlPacket) -> None:
         if isinstance(packet, PubRel):
@@ -320,7 +362,7 @@ class MqttConnection:
 
     def _keepalive_tick(self) -> None:
         now = time.monotonic()
-        if self._reading and now - self._last_in > self._keepalive * 1.5:
+        if not self._paused & _BACK_PRESSURE and now - self._last_in > self._keepalive * 1.5:
             self._fail(ConnectionLostError("no answer from the broker within the keep-alive"))
             return
         if now - self._last_out >= self._keepalive / 2:
