@@ -40,8 +40,8 @@ _ACK_KIND = {1: codec.PUBACK << 4, 2: codec.PUBREC << 4}
 # Reasons reading is paused, as bits: the caller's back-pressure, and read coalescing.
 _BACK_PRESSURE = 1
 _COALESCING = 2
-#: A read this small means a trickle: wait a moment before the next (see read_coalescing).
-_SMALL_READ = 16 * 1024
+#: Fewer bytes than this per coalescing interval is a trickle (see read_coalescing).
+_TRICKLE_BYTES = 32 * 1024
 #: ... unless this many messages wait for acknowledgement: a broker that limits the messages
 #: in flight (Mosquitto: 20 by default) sends more only after acknowledgements.
 _COALESCE_BELOW_UNACKED = 16
@@ -133,6 +133,9 @@ class MqttConnection:
         self._last_in = self._last_out = time.monotonic()
         self._paused = 0  # _BACK_PRESSURE | _COALESCING
         self._unacked = 0  # QoS 1/2 messages received and not acknowledged
+        self._continuous = False  # a burst: read without coalescing
+        self._window_start = 0.0
+        self._window_bytes = 0
         self._closing = False  # close() or abort() of ours
         self.session_present = False
 
@@ -287,15 +290,30 @@ class MqttConnection:
         except Exception as exc:  # a failing callback must not leave the stream half-read
             self._fail(ConnectionLostError(f"message handler failed: {type(exc).__name__}: {exc}"))
             return
-        coalescing = self.options.read_coalescing
-        if (
-            coalescing
-            and len(data) < _SMALL_READ
-            and self._unacked < _COALESCE_BELOW_UNACKED
-            and not self._paused
-        ):
+        if self.options.read_coalescing:
+            self._coalesce(len(data))
+
+    def _coalesce(self, size: int) -> None:
+        """At a trickle, pause reading for ``read_coalescing`` after each read. A read after
+        such a pause holds all that came meanwhile: when that is a lot, the stream is a burst
+        and is read continuously until an interval brings little again."""
+        interval = self.options.read_coalescing
+        now = self._last_in
+        if self._continuous:
+            self._window_bytes += size
+            if now - self._window_start < interval:
+                return
+            if self._window_bytes >= _TRICKLE_BYTES:
+                self._window_start, self._window_bytes = now, 0
+                return
+            self._continuous = False
+        elif size >= _TRICKLE_BYTES:
+            self._continuous = True
+            self._window_start, self._window_bytes = now, 0
+            return
+        if self._unacked < _COALESCE_BELOW_UNACKED and not self._paused:
             self._pause(_COALESCING)
-            self._loop.call_later(coalescing, self._resume, _COALESCING)
+            self._loop.call_later(interval, self._resume, _COALESCING)
 
     def _publish(
         self, topic: str, payload: bytes, qos: int, retain: bool, dup: bool, packet_id: int
