@@ -181,10 +181,12 @@ class Redeliveries:
     ) -> tuple[asyncio.Future[None] | None] | None:
         """For a redelivery, a 1-tuple with the first copy's future (None: acknowledge at
         once); None when the message is to be stored."""
-        if not dup or not self._previous:
+        if not self._previous:
             return None
+        # A packet id that comes again is settled either way: a DUP is the first copy's
+        # redelivery, anything else means the broker has reused the id.
         entry = self._previous.pop(packet_id, None)
-        if entry is None or entry[0] != topic:
+        if entry is None or not dup or entry[0] != topic:
             return None
         durable = entry[1]
         if _failed(durable):
