@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import signal
 import socket
 import ssl
@@ -114,10 +113,6 @@ class Service:
                     asyncio.create_task(source.run(), name=f"source-{name}")
                     for name, source in sources.items()
                 ]
-                # What start-up made (modules, settings, clients) lives as long as the process:
-                # keep it out of every garbage collection, which then only scans what the
-                # stream allocates — a full collection otherwise walks the whole heap.
-                gc.freeze()
                 self.ready.set()
                 telemetry.log.info("started", http_port=http.port)
                 stop_wait = asyncio.create_task(self._stop.wait(), name="stop-signal")

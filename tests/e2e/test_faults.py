@@ -286,7 +286,7 @@ async def test_sigkill_under_a_qos1_stream_then_restart_recovers_every_message(
     with ingestor_process(env, log) as ingestor:
         await ingestor.wait_ready()
         publisher = asyncio.create_task(asyncio.to_thread(stream))
-        await asyncio.sleep(1.5)
+        await wait_for(lambda: publisher.done() or ingestor.mqtt_received() >= 10_000, timeout=30)
         await ingestor.stop(signal.SIGKILL, 10)  # mid-stream, no goodbye
         await publisher  # the broker keeps queueing for the persistent session
         ingestor.start()
