@@ -202,6 +202,8 @@ async def test_an_unacknowledged_message_sent_again_is_stored_once(
     buffer.commit()
     await wait_for(lambda: broker.acks(1) == [7], timeout=5)
     assert buffer.payloads() == ["ON"]
+    received = ("ha_ingestor_events_received_total", {"source": "mqtt"})
+    await wait_for(lambda: registry.get_sample_value(*received) == 2, timeout=5)  # both copies
 
 
 async def test_a_message_sent_again_after_its_acknowledgement_left_is_stored(

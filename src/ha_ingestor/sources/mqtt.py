@@ -345,6 +345,7 @@ class MqttSource:
         self, topic: str, payload: bytes, qos: int, retained: bool, dup: bool, packet_id: int
     ) -> None:
         """One received PUBLISH: stored (or deliberately not), then acknowledged when due."""
+        self._count_received()
         try:
             if qos:
                 first = self._redeliveries.first_copy(packet_id, topic, dup)
@@ -369,7 +370,6 @@ class MqttSource:
         """Encode and buffer one message; the future of its durability, or None when it is
         not stored (excluded, replayed) and may be acknowledged at once."""
         time_ns = self._timestamp()
-        self._count_received()
         if self._discovery.is_config_topic(topic):
             self._apply_discovery(topic, payload)
             if not self._include.matches(topic):
