@@ -15,7 +15,7 @@ from ha_ingestor.checks import CheckError, check_mqtt
 from ha_ingestor.config import load_settings
 from tests.e2e.service import RunningService, numbered, run_service, service_env
 from tests.support.mqtt_proxy import MqttProxy
-from tests.support.mqtt_publisher import Message, publish_many, publish_packet
+from tests.support.mqtt_publisher import Message, Publisher, publish_many, publish_packet
 from tests.support.servers import HOST, InfluxDB1, Mosquitto, free_port, started
 from tests.support.waiting import wait_for
 
@@ -121,6 +121,46 @@ async def test_check_names_the_protocol_and_a_refused_mqtt5(mosquitto: Mosquitto
         "HA_INGESTOR_INFLUX_URL": "http://127.0.0.1:1",
     }
     assert "MQTT 5" in await check_mqtt(load_settings(direct))
+
+
+# --- authentication ------------------------------------------------------------------------------
+
+
+async def test_username_and_password_are_sent_and_a_wrong_password_is_named(
+    tmp_path: Path, influxdb: InfluxDB1, influx_db: str, topic_prefix: str
+) -> None:
+    users = {"ingestor": "s3cret", "publisher": "pub"}
+    with started(Mosquitto(tmp_path / "broker", users=users)) as broker:
+        base = {
+            "HA_INGESTOR_MQTT_HOST": HOST,
+            "HA_INGESTOR_MQTT_PORT": str(broker.port),
+            "HA_INGESTOR_MQTT_USERNAME": "ingestor",
+            "HA_INGESTOR_INFLUX_URL": "http://127.0.0.1:1",
+        }
+        with pytest.raises(CheckError, match="refused the connection"):
+            await check_mqtt(load_settings({**base, "HA_INGESTOR_MQTT_PASSWORD": "wrong"}))
+        assert "connected" in await check_mqtt(
+            load_settings({**base, "HA_INGESTOR_MQTT_PASSWORD": "s3cret"})
+        )
+        env = service_env(
+            tmp_path,
+            influxdb,
+            influx_db,
+            broker,
+            mqtt_topics=f"{topic_prefix}/#",
+            mqtt_username="ingestor",
+            mqtt_password="s3cret",
+        )
+        async with run_service(env, influxdb, influx_db) as service:
+
+            def publish() -> None:
+                with Publisher(broker.host, broker.port, "auth-pub", "publisher", "pub") as pub:
+                    pub.publish_many(numbered(topic_prefix, 0, 200))
+
+            await asyncio.to_thread(publish)
+            await wait_for_count(service, 200)
+            await settled(service)
+            assert stored_payloads(service) == list(range(200))
 
 
 # --- TLS -----------------------------------------------------------------------------------------
