@@ -5,8 +5,6 @@ tests/e2e; here each packet is under the test's control, and so is durability.)"
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import struct
 from collections.abc import AsyncIterator
 
 import pytest
@@ -15,84 +13,11 @@ from prometheus_client import CollectorRegistry
 from ha_ingestor.config import load_settings
 from ha_ingestor.sources.mqtt import MqttSource
 from ha_ingestor.telemetry import Telemetry
+from tests.sources.scripted_broker import ScriptedBroker, publish
 from tests.support.servers import HOST
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(30)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | 0x80 if value else byte)
-        if not value:
-            return bytes(out)
-
-
-def publish(
-    topic: str, payload: bytes, packet_id: int, *, dup: bool = False, retain: bool = False
-) -> bytes:
-    """An MQTT 5 QoS 1 PUBLISH as the broker sends it."""
-    body = struct.pack("!H", len(topic)) + topic.encode() + struct.pack("!H", packet_id)
-    body += b"\x00" + payload
-    first = 0x32 | (0x08 if dup else 0) | (0x01 if retain else 0)
-    return bytes([first]) + _varint(len(body)) + body
-
-
-class ScriptedBroker:
-    """Accepts connections, answers CONNACK (session present or not) and SUBACK, sends what the
-    test hands it, and records the acknowledgements per connection."""
-
-    def __init__(self) -> None:
-        self.session_present = False
-        self.connections: list[asyncio.StreamWriter] = []
-        self.received: list[list[bytes]] = []  # per connection: packets from the client
-        self.port = 0
-        self._subscribed: list[asyncio.Event] = []
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        packets: list[bytes] = []
-        subscribed = asyncio.Event()
-        self.received.append(packets)
-        self._subscribed.append(subscribed)
-        self.connections.append(writer)
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            while True:
-                first = (await reader.readexactly(1))[0]
-                length, shift = 0, 0
-                while True:
-                    byte = (await reader.readexactly(1))[0]
-                    length |= (byte & 0x7F) << shift
-                    shift += 7
-                    if not byte & 0x80:
-                        break
-                body = await reader.readexactly(length)
-                kind = first >> 4
-                if kind == 1:  # CONNECT
-                    writer.write(bytes([0x20, 3, int(self.session_present), 0, 0]))
-                elif kind == 8:  # SUBSCRIBE: grant every filter QoS 1
-                    filters = body.count(b"\x11")
-                    writer.write(
-                        bytes([0x90, 3 + filters]) + body[:2] + b"\x00" + b"\x01" * filters
-                    )
-                    subscribed.set()
-                else:
-                    packets.append(bytes([first]) + _varint(length) + body)
-
-    async def subscribed(self, connection: int) -> None:
-        await wait_for(lambda: len(self._subscribed) > connection, timeout=10)
-        await asyncio.wait_for(self._subscribed[connection].wait(), 10)
-
-    def send(self, data: bytes, connection: int = -1) -> None:
-        self.connections[connection].write(data)
-
-    def drop(self, connection: int = -1) -> None:
-        self.connections[connection].transport.abort()
-
-    def acks(self, connection: int = -1) -> list[int]:
-        """Packet ids of the PUBACKs received on ``connection``, in order."""
-        return [struct.unpack("!H", p[2:4])[0] for p in self.received[connection] if p[0] == 0x40]
 
 
 class ControlledBuffer:
@@ -123,19 +48,6 @@ class ControlledBuffer:
 
     def payloads(self) -> list[str]:
         return [line.split('payload="', 1)[1].split('"', 1)[0] for line in self.lines]
-
-
-@pytest.fixture
-async def broker() -> AsyncIterator[ScriptedBroker]:
-    scripted = ScriptedBroker()
-    server = await asyncio.start_server(scripted.serve, HOST, 0)
-    scripted.port = server.sockets[0].getsockname()[1]
-    try:
-        yield scripted
-    finally:
-        for writer in scripted.connections:
-            writer.transport.abort()
-        server.close()
 
 
 @pytest.fixture
