@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 from typing import TextIO
 
 import aiohttp
-import gmqtt
 import orjson
 
 from ha_ingestor.config import Settings
@@ -20,26 +19,43 @@ TIMEOUT = 10.0
 
 
 async def check_mqtt(settings: Settings) -> str:
-    client = gmqtt.Client(f"{settings.mqtt_client_id}-check", clean_session=True)
-    client.set_config({"reconnect_retries": -2})
-    if settings.mqtt_username:
-        password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
-        client.set_auth_credentials(settings.mqtt_username, password)
-    ssl_context = mqtt_tls_context(settings) if settings.mqtt_tls else False
+    from ha_ingestor.sources.mqtt_client import (
+        MQTT_5,
+        MQTT_311,
+        ConnectOptions,
+        MqttConnection,
+        MqttError,
+        UnsupportedProtocolVersionError,
+    )
+
     target = f"{settings.mqtt_host}:{settings.effective_mqtt_port}"
-    try:
-        await asyncio.wait_for(
-            client.connect(settings.mqtt_host, settings.effective_mqtt_port, ssl=ssl_context),
-            TIMEOUT,
+    password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
+    versions = {"5": [MQTT_5], "3.1.1": [MQTT_311], "auto": [MQTT_5, MQTT_311]}
+    for version in versions[settings.mqtt_protocol]:
+        options = ConnectOptions(
+            host=settings.mqtt_host or "",
+            port=settings.effective_mqtt_port,
+            client_id=f"{settings.mqtt_client_id}-check",
+            version=version,
+            username=settings.mqtt_username,
+            password=password,
+            ssl=mqtt_tls_context(settings) if settings.mqtt_tls else None,
+            timeout=TIMEOUT,
         )
-    except TimeoutError:
-        raise CheckError(f"{target}: no answer to CONNECT within {TIMEOUT:.0f} s") from None
-    except OSError as exc:
-        raise CheckError(f"{target}: {exc.strerror or exc}") from None
-    except Exception as exc:  # gmqtt raises its own MQTTConnectError for refusals
-        raise CheckError(f"{target}: broker refused the connection ({exc})") from None
-    await client.disconnect()
-    return f"connected to {target}"
+        connection = MqttConnection(options, lambda *_: None)
+        try:
+            await connection.connect()
+        except UnsupportedProtocolVersionError:
+            if version == MQTT_311 or settings.mqtt_protocol != "auto":
+                raise CheckError(f"{target}: broker refused MQTT protocol version") from None
+            continue
+        except OSError as exc:
+            raise CheckError(f"{target}: {exc.strerror or exc}") from None
+        except MqttError as exc:
+            raise CheckError(f"{target}: {exc}") from None
+        await connection.close()
+        return f"connected to {target} (MQTT {'5' if version == MQTT_5 else '3.1.1'})"
+    raise CheckError(f"{target}: no MQTT protocol version accepted")  # pragma: no cover
 
 
 async def check_homeassistant(settings: Settings) -> str:

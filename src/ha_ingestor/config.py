@@ -246,7 +246,11 @@ class Settings(BaseModel):
         True, description="Keep the durable spool. Off = memory only (data is lost on a crash)."
     )
     spool_commit_interval: float = Field(
-        0.005, gt=0, le=1, description="Seconds between group commits of the spool."
+        0.005,
+        gt=0,
+        le=1,
+        description="Seconds a spool group commit waits after its first line (when lines come "
+        "slowly it waits for 16 of them, up to 0.2 s).",
     )
 
     # --- HTTP, logging, identity ---------------------------------------------------------------

@@ -316,5 +316,5 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream: Any = None
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Third-party libraries log per-packet detail at DEBUG/INFO; keep them to warnings.
-    for noisy in ("gmqtt", "aiohttp.access"):
+    for noisy in ("aiohttp.access",):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

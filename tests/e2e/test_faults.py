@@ -8,6 +8,7 @@ import itertools
 import os
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,11 @@ async def test_broker_restart_mid_stream_reconnects_and_resubscribes(
         await wait_for(lambda: service.service.telemetry.is_connected("mqtt"), timeout=60)
         await publish_many(broker.host, broker.port, numbered("s", 3000, 3000))
         numbers = await wait_for_numbers(influxdb, influx_db, 6000)
-        assert numbers == list(range(6000))
+        assert set(numbers) == set(range(6000))  # nothing lost
+        # A message whose acknowledgement was on its way when the broker stopped is sent
+        # again and stored twice (at-least-once); one not yet acknowledged is recognised.
+        twice = {n for n, times in Counter(numbers).items() if times > 1}
+        assert all(n < 3000 for n in twice), "only messages in flight at the restart"
         assert service.service.telemetry.connections["mqtt"].reconnects >= 1
         assert service.metric("ha_ingestor_reconnects_total", target="mqtt") >= 1
 
@@ -281,7 +286,7 @@ async def test_sigkill_under_a_qos1_stream_then_restart_recovers_every_message(
     with ingestor_process(env, log) as ingestor:
         await ingestor.wait_ready()
         publisher = asyncio.create_task(asyncio.to_thread(stream))
-        await asyncio.sleep(1.5)
+        await wait_for(lambda: publisher.done() or ingestor.mqtt_received() >= 10_000, timeout=30)
         await ingestor.stop(signal.SIGKILL, 10)  # mid-stream, no goodbye
         await publisher  # the broker keeps queueing for the persistent session
         ingestor.start()

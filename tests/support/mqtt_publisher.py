@@ -1,8 +1,8 @@
 """A small, fast MQTT 3.1.1 publisher on a plain socket, for tests and benchmarks.
 
 Packets are encoded up front and written in large chunks, so publishing is bounded by the
-broker, not by this client. QoS 1 keeps a window of unacknowledged messages and waits for every
-PUBACK before it returns.
+broker, not by this client. QoS 1 and 2 keep a window of unacknowledged messages and wait for every
+PUBACK (PUBCOMP) before returning.
 """
 
 from __future__ import annotations
@@ -127,9 +127,16 @@ class Publisher:
         if not data:
             raise ConnectionError("broker closed the connection")
         data = self._pending + data
-        whole = len(data) - len(data) % 4  # PUBACK: 0x40 0x02 <id>; nothing else arrives
+        # PUBACK / PUBREC / PUBCOMP: <kind> 0x02 <id>; nothing else arrives.
+        whole = len(data) - len(data) % 4
         self._pending = data[whole:]
-        return whole // 4
+        completed = 0
+        for offset in range(0, whole, 4):
+            if data[offset] == 0x50:  # PUBREC (QoS 2): release it, its PUBCOMP completes it
+                self._sock.sendall(b"\x62\x02" + data[offset + 2 : offset + 4])
+            else:
+                completed += 1
+        return completed
 
     def close(self) -> None:
         try:

@@ -57,7 +57,7 @@ def test_no_secret_value_reaches_the_log(log_stream: io.StringIO) -> None:
     log.warning("auth", ha_token=ha_token, influx_token=influx_token, password=mqtt_password)
     log.error("request failed", error=f"401 with headers {{'Authorization': 'Bearer {ha_token}'}}")
     log.info("Token validation failed")  # ordinary words stay
-    logging.getLogger("gmqtt").warning("login", extra={"mqtt_password": mqtt_password})
+    logging.getLogger("aiohttp.client").warning("login", extra={"mqtt_password": mqtt_password})
 
     text = log_stream.getvalue()
     for secret in SECRETS:

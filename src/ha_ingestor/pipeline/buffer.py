@@ -91,6 +91,8 @@ class MemoryBuffer:
         self._pending_future: asyncio.Future[None] | None = None
         self._groups: dict[int, _Group] = {}
         self._ready: list[int] = []  # group ids not handed to a writer, oldest first
+        self._ready_lines = 0  # lines in those groups
+        self._wanted_lines = 1  # the batch size the writers ask for
         self._next_id = 1
         self._lines = 0
         self._bytes = 0
@@ -126,11 +128,15 @@ class MemoryBuffer:
         self._next_id += 1
         self._groups[group.group_id] = group
         self._ready.append(group.group_id)
+        self._ready_lines += len(group.lines)
         self._pending = _Pending()
         future, self._pending_future = self._pending_future, None
         if future is not None and not future.done():
             future.set_result(None)
-        self._changed.set()
+        # Wake the writers only when it changes what they wait for: a first group (a deadline
+        # to wait for) or a full batch; not on every group in between.
+        if len(self._ready) == 1 or self._ready_lines >= self._wanted_lines:
+            self._changed.set()
 
     async def wait_for_room(self) -> None:
         await self._room.wait()
@@ -139,8 +145,9 @@ class MemoryBuffer:
         return not self._room.is_set()
 
     async def next_batch(self, max_lines: int, max_wait: float) -> Batch:
+        self._wanted_lines = max_lines
         while True:
-            waiting = sum(len(self._groups[g].lines) for g in self._ready)
+            waiting = self._ready_lines
             if self._ready:
                 oldest = self._groups[self._ready[0]].received_at
                 if waiting >= max_lines or time.time() - oldest >= max_wait:
@@ -163,6 +170,7 @@ class MemoryBuffer:
             self._ready.pop(0)
             ids.append(group.group_id)
             lines.extend(group.lines)
+        self._ready_lines -= len(lines)
         return Batch(ids, lines, oldest)
 
     async def ack(self, batch: Batch) -> None:
@@ -175,7 +183,9 @@ class MemoryBuffer:
             self._room.set()
 
     async def release(self, batch: Batch) -> None:
-        self._ready[:0] = [g for g in batch.group_ids if g in self._groups]
+        released = [g for g in batch.group_ids if g in self._groups]
+        self._ready[:0] = released
+        self._ready_lines += sum(len(self._groups[g].lines) for g in released)
         self._changed.set()
 
     def depth(self) -> tuple[int, int]:

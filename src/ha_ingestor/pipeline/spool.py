@@ -1,8 +1,9 @@
 """The durable spool: SQLite in WAL mode, group-committed, replayed oldest first.
 
-Lines added by the sources wait in memory for at most ``commit_interval`` seconds; then one
-transaction stores them as a *group* row and their futures resolve — only then does a line count
-as accepted (and only then is an MQTT QoS 1/2 message acknowledged). The writer takes committed
+Lines added by the sources wait in memory until the next group commit (see
+:class:`CommitSchedule`); then one transaction stores them as a *group* row and their futures
+resolve — only then does a line count as accepted (and only then is an MQTT QoS 1/2 message
+acknowledged). The writer takes committed
 groups oldest first, from memory while they fit and from disk after a restart or a long outage;
 a group's row is deleted once InfluxDB has acknowledged it.
 
@@ -70,6 +71,40 @@ class _Pending:
     future: asyncio.Future[None] | None = None
 
 
+class CommitSchedule:
+    """When the group commit runs, adapting to the rate lines arrive at.
+
+    A commit costs about the same for one line as for a hundred (a transaction, an fsync, a
+    hop to the spool thread and back, a wake-up of the writer). So the commit waits at least
+    ``min_delay`` after the first line — in a burst, the lines of that time and of the commit
+    before make one group — and at a trickle it waits for ``eager_lines`` lines, or at most
+    ``max_delay``: at 100 lines/s, sixteen lines per commit instead of one.
+
+    ``eager_lines`` stays below what a broker lets a subscriber hold unacknowledged (Mosquitto:
+    20 by default), so a waiting commit never stalls a stream that the broker throttles.
+    """
+
+    def __init__(
+        self, min_delay: float = 0.005, max_delay: float = 0.2, eager_lines: int = 16
+    ) -> None:
+        self.min_delay = min_delay
+        self.max_delay = max(min_delay, max_delay)
+        self.eager_lines = eager_lines
+
+    async def wait(self, pending: Callable[[], int], enough: asyncio.Event) -> None:
+        """Return when the lines pending (``pending()``) should be committed; ``enough`` is set
+        by the intake once ``eager_lines`` are pending."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_delay
+        await asyncio.sleep(self.min_delay)
+        remaining = deadline - loop.time()
+        if pending() >= self.eager_lines or remaining <= 0:
+            return
+        enough.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(enough.wait(), remaining)
+
+
 def _resolver(future: asyncio.Future[None]) -> Callable[[asyncio.Future[None]], None]:
     def resolve(_: asyncio.Future[None]) -> None:
         if not future.done():
@@ -89,6 +124,7 @@ class SqliteSpool:
         max_bytes: int = 1024**3,
         overflow: OverflowPolicy = OverflowPolicy.DROP_OLDEST,
         commit_interval: float = 0.005,
+        max_commit_delay: float = 0.2,
         max_pending_lines: int = 100_000,
         max_memory_bytes: int = 16 * 1024 * 1024,
         synchronous: str = "FULL",
@@ -97,7 +133,8 @@ class SqliteSpool:
         self._telemetry = telemetry
         self._max_bytes = max_bytes
         self._overflow = overflow
-        self._commit_interval = commit_interval
+        self._schedule = CommitSchedule(commit_interval, max_commit_delay)
+        self._enough = asyncio.Event()  # eager_lines are pending: commit without more waiting
         self._max_pending_lines = max_pending_lines
         self._max_memory_bytes = max_memory_bytes
         self._synchronous = synchronous
@@ -204,6 +241,8 @@ class SqliteSpool:
             self._wake_committer.set()
         pending.lines.append(line)
         pending.size += len(line) + 1
+        if len(pending.lines) == self._schedule.eager_lines:
+            self._enough.set()
         if len(pending.lines) >= self._max_pending_lines:
             self._room.clear()
         return pending.future
@@ -234,8 +273,8 @@ class SqliteSpool:
         while True:
             await self._wake_committer.wait()
             self._wake_committer.clear()
-            # Let the burst accumulate: one transaction per interval, not per line.
-            await asyncio.sleep(self._commit_interval)
+            # Let the lines accumulate: one transaction per group, not per line.
+            await self._schedule.wait(lambda: len(self._pending.lines), self._enough)
             try:
                 await self._commit_once()
             except Exception as exc:

@@ -1,13 +1,21 @@
 """The MQTT source: subscribe to the broker Home Assistant uses and hand every message on.
 
-Lifecycle: one gmqtt client per connection attempt; when it drops, wait a capped, jittered,
-exponentially growing delay and connect again (subscriptions are renewed on every connect).
-gmqtt's own reconnect loop is switched off because its delay is fixed.
+Lifecycle: one :class:`~ha_ingestor.sources.mqtt_client.MqttConnection` per connection attempt;
+when it drops, wait a capped, jittered, exponentially growing delay, connect again and
+subscribe again. With ``auto`` the first CONNECT asks for MQTT 5 and a broker that answers
+"unsupported protocol version" is spoken to in 3.1.1 from then on.
 
-Delivery: QoS 1/2 messages are acknowledged only after their line is durable in the spool
-(see ``mqtt_fast_path``: the PUBACK is sent from the spool's commit callback). With a stable client id and a session
-expiry the broker keeps queueing while the ingestor is away; a Receive Maximum of 65535 keeps
-delayed acknowledgements from throttling the stream.
+Delivery: QoS 1/2 messages are acknowledged only after their line is durable (the future of
+the buffer's ``add()`` resolved), all acknowledgements of one commit in one write, in arrival
+order. With a stable client id and a session expiry the broker keeps queueing while the
+ingestor is away; a Receive Maximum of 65535 keeps delayed acknowledgements from throttling
+the stream.
+
+Redelivery: when a connection breaks, messages received on it but not yet acknowledged are sent
+again by the broker on the next connection of the same session (DUP flag, same packet id). Such
+a message whose first copy is durable is acknowledged and not stored twice. This holds within
+one process: after a ``kill -9`` the next process knows nothing of the first copies, so
+messages that were durable but not acknowledged are stored a second time (at-least-once).
 """
 
 from __future__ import annotations
@@ -17,11 +25,6 @@ import contextlib
 import hashlib
 import re
 import time
-from collections import OrderedDict
-from typing import Any
-
-import gmqtt
-from gmqtt.mqtt.constants import MQTTv50, MQTTv311
 
 from ha_ingestor.backoff import Backoff
 from ha_ingestor.config import Settings
@@ -29,15 +32,23 @@ from ha_ingestor.errors import describe
 from ha_ingestor.pipeline.buffer import Buffer
 from ha_ingestor.pipeline.mqtt_discovery import DiscoveryMap, MqttEntityRegistry
 from ha_ingestor.pipeline.mqtt_messages import MqttMessageEncoder
-from ha_ingestor.sources.mqtt_fast_path import PublishFastPath
+from ha_ingestor.sources.mqtt_client import (
+    MQTT_5,
+    MQTT_311,
+    ConnectOptions,
+    MqttConnection,
+    UnsupportedProtocolVersionError,
+)
 from ha_ingestor.telemetry import ConnState, Telemetry
 from ha_ingestor.tls import mqtt_tls_context
 
 TARGET = "mqtt"
 _CONNECT_TIMEOUT = 10.0
-_NO_RECONNECT = -2  # any value below gmqtt's UNLIMITED_RECONNECTS (-1): never reconnect by itself
 _MAX_CACHED_TOPICS = 100_000
 _ACK_ON_SHUTDOWN_TIMEOUT = 2.0
+_RECEIVE_MAXIMUM = 65535
+# At a trickle, read the socket at most every 100 ms: several messages per wake-up.
+_READ_COALESCING = 0.1
 
 
 class TopicFilters:
@@ -106,24 +117,82 @@ class RetainedReplays:
         return False
 
 
+class Acknowledgements:
+    """The acknowledgements of one connection, sent only after their message is durable.
+
+    Messages of one buffer commit share one future: their PUBACK/PUBRECs go out together when
+    it resolves, in the order the messages came. A message not stored (excluded, replayed)
+    is acknowledged right after those before it. ``unacked`` holds, per packet id, the topic
+    and durability future of every QoS 1/2 message not acknowledged yet: after the connection
+    is lost, these are the only messages the broker may send again as redeliveries.
+    """
+
+    def __init__(self, connection: MqttConnection) -> None:
+        self._connection = connection
+        self.unacked: dict[int, tuple[str, asyncio.Future[None] | None]] = {}
+        self._future: asyncio.Future[None] | None = None
+        self._queue: list[tuple[int, int]] | None = None  # newest (qos, packet id)s not sent
+
+    def add(
+        self, qos: int, packet_id: int, topic: str, durable: asyncio.Future[None] | None
+    ) -> None:
+        self.unacked[packet_id] = (topic, durable)
+        queue = self._queue
+        if queue is not None and (durable is None or durable is self._future):
+            queue.append((qos, packet_id))
+            return
+        self._queue = queue = [(qos, packet_id)]
+        self._future = durable
+        if durable is None:
+            asyncio.get_running_loop().call_soon(self._send, queue, None)
+        else:
+            durable.add_done_callback(lambda future: self._send(queue, future))
+
+    def _send(self, queue: list[tuple[int, int]], durable: asyncio.Future[None] | None) -> None:
+        if queue is self._queue:  # the newest queue: later messages start a new one
+            self._queue = self._future = None
+        if _failed(durable):
+            return  # not durable: no acknowledgement, the broker sends them again
+        if self._connection.acknowledge(queue):
+            unacked = self.unacked
+            for _qos, packet_id in queue:
+                unacked.pop(packet_id, None)
+
+
 class Redeliveries:
-    """Recognises QoS 1/2 messages the broker sends again (DUP flag) after a connection broke
-    before our acknowledgement arrived: they are already in the spool, so storing them again
-    would duplicate them. Remembers the most recent messages per (topic, payload)."""
+    """Recognises a message the broker sends again after a connection broke: only a message
+    received on the previous connection of the same session and not acknowledged there, by
+    its packet id (with the DUP flag and the same topic), and only when its first copy is
+    durable — or will be: its acknowledgement then waits for that copy's future."""
 
-    def __init__(self, capacity: int = 65_536) -> None:
-        self._recent: OrderedDict[tuple[str, bytes], None] = OrderedDict()
-        self._capacity = capacity
+    def __init__(self) -> None:
+        self._previous: dict[int, tuple[str, asyncio.Future[None] | None]] = {}
 
-    def seen(self, topic: str, payload: bytes, redelivery: bool) -> bool:
-        key = (topic, RetainedReplays._fingerprint(payload))
-        recent = self._recent
-        if redelivery and key in recent:
-            return True
-        recent[key] = None
-        if len(recent) > self._capacity:
-            recent.popitem(last=False)
-        return False
+    def connection_lost(self, acknowledgements: Acknowledgements) -> None:
+        # Messages of an older connection still unacknowledged are kept too: the broker
+        # sends them again on whichever connection comes next.
+        self._previous.update(acknowledgements.unacked)
+
+    def connected(self, session_present: bool) -> None:
+        if not session_present:  # a new session: the broker sends nothing again
+            self._previous.clear()
+
+    def first_copy(
+        self, packet_id: int, topic: str, dup: bool
+    ) -> tuple[asyncio.Future[None] | None] | None:
+        """For a redelivery, a 1-tuple with the first copy's future (None: acknowledge at
+        once); None when the message is to be stored."""
+        if not self._previous:
+            return None
+        # A packet id that comes again is settled either way: a DUP is the first copy's
+        # redelivery, anything else means the broker has reused the id.
+        entry = self._previous.pop(packet_id, None)
+        if entry is None or not dup or entry[0] != topic:
+            return None
+        durable = entry[1]
+        if _failed(durable):
+            return None  # the first copy was not stored: store this one
+        return (durable,)
 
 
 class MqttSource:
@@ -157,10 +226,11 @@ class MqttSource:
         self._redeliveries = Redeliveries()
         self._received = telemetry.metrics.events_received.labels(TARGET)
         self._last_ns = 0
-        self._protocol = MQTTv311 if settings.mqtt_protocol == "3.1.1" else MQTTv50
-        self._disconnected = asyncio.Event()
+        self._version = MQTT_311 if settings.mqtt_protocol == "3.1.1" else MQTT_5
+        self._ssl = mqtt_tls_context(settings) if settings.mqtt_tls else None
+        self._connection: MqttConnection | None = None
+        self._acks: Acknowledgements | None = None
         self._paused = False
-        self._connection_client: Any = None
         self._uncounted = 0
         self._resume_task: asyncio.Task[None] | None = None
         self._last_accepted: asyncio.Future[None] | None = None
@@ -176,112 +246,96 @@ class MqttSource:
         telemetry = self._telemetry
         telemetry.set_state(TARGET, ConnState.CONNECTING)
         while True:
-            client = self._new_client()
             try:
-                await self._connect(client)
+                connection = await self._connect()
             except asyncio.CancelledError:
-                await _close(client)
                 raise
             except Exception as exc:
-                await _close(client)
                 telemetry.set_state(TARGET, ConnState.RECONNECTING, error=describe(exc))
                 await asyncio.sleep(backoff.next_delay())
                 continue
             backoff.reset()
             telemetry.set_state(TARGET, ConnState.CONNECTED)
             try:
-                await self._disconnected.wait()
+                error = await connection.wait_closed()
             except asyncio.CancelledError:
-                await self._acknowledge_accepted()
+                await self._acknowledge_accepted(connection)
                 raise
             finally:
-                await _close(client)
-            telemetry.set_state(TARGET, ConnState.RECONNECTING, error="connection lost")
+                await connection.close()
+                if self._acks is not None:
+                    self._redeliveries.connection_lost(self._acks)
+            reason = describe(error) if error else "connection lost"
+            telemetry.set_state(TARGET, ConnState.RECONNECTING, error=reason)
             await asyncio.sleep(backoff.next_delay())
 
-    def _new_client(self) -> Any:
+    def _options(self) -> ConnectOptions:
         settings = self._settings
         persistent = settings.mqtt_session_expiry > 0
-        properties: dict[str, Any] = {"receive_maximum": 65535}
-        if persistent:
-            properties["session_expiry_interval"] = settings.mqtt_session_expiry
-        client = gmqtt.Client(
-            settings.mqtt_client_id,
-            clean_session=not persistent,
-            optimistic_acknowledgement=False,
-            **properties,
+        return ConnectOptions(
+            host=settings.mqtt_host or "",
+            port=settings.effective_mqtt_port,
+            client_id=settings.mqtt_client_id,
+            version=self._version,
+            clean_start=not persistent,
+            session_expiry=settings.mqtt_session_expiry,
+            receive_maximum=_RECEIVE_MAXIMUM,
+            keepalive=settings.mqtt_keepalive,
+            username=settings.mqtt_username,
+            password=(
+                settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
+            ),
+            ssl=self._ssl,
+            timeout=_CONNECT_TIMEOUT,
+            read_coalescing=_READ_COALESCING,
         )
-        client.set_config({"reconnect_retries": _NO_RECONNECT})
-        if settings.mqtt_username:
-            password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
-            client.set_auth_credentials(settings.mqtt_username, password)
-        client.on_disconnect = self._on_disconnect
-        self._connection_client = client
-        return client
 
-    async def _connect(self, client: Any) -> None:
+    async def _open(self) -> MqttConnection:
+        # The session is known (on_connack) before any PUBLISH behind the CONNACK is handled.
+        connection = self._connection = MqttConnection(
+            self._options(), self._on_publish, on_connack=self._redeliveries.connected
+        )
+        self._acks = Acknowledgements(connection)
+        self._paused = False
+        await connection.connect()
+        return connection
+
+    async def _connect(self) -> MqttConnection:
         settings = self._settings
-        self._disconnected.clear()
-        ssl_context = mqtt_tls_context(settings) if settings.mqtt_tls else False
-        version = self._protocol
-        fast_path = PublishFastPath(client, self._on_publish, self._publish_failed)
-        fast_path.install_handler()
         try:
-            await asyncio.wait_for(
-                client.connect(
-                    settings.mqtt_host,
-                    settings.effective_mqtt_port,
-                    ssl=ssl_context,
-                    keepalive=settings.mqtt_keepalive,
-                    version=version,
-                ),
-                _CONNECT_TIMEOUT,
-            )
-        except TimeoutError:
-            # gmqtt switches a refused MQTT 5 CONNECT to 3.1.1 and then waits for its own
-            # reconnect, which we disabled: fall back ourselves on the next attempt.
-            if (
-                settings.mqtt_protocol == "auto"
-                and client._connection_state.protocol_version == MQTTv311
-            ):
-                self._protocol = MQTTv311
-                self._telemetry.log.warning("mqtt protocol fallback", protocol="3.1.1")
-            raise ConnectionError("broker did not answer CONNECT") from None
-        fast_path.install_reader()
-        filters = [*self._settings.mqtt_topics]
+            connection = await self._open()
+        except UnsupportedProtocolVersionError:
+            if settings.mqtt_protocol != "auto" or self._version == MQTT_311:
+                raise
+            self._version = MQTT_311
+            self._telemetry.log.warning("mqtt protocol fallback", protocol="3.1.1")
+            connection = await self._open()
+        try:
+            await self._subscribe(connection)
+        except BaseException:
+            connection.abort()
+            raise
+        return connection
+
+    async def _subscribe(self, connection: MqttConnection) -> None:
+        settings = self._settings
+        filters = [*settings.mqtt_topics]
         if not self._include.matches(f"{settings.mqtt_discovery_prefix}/x/y/config"):
             filters += self._discovery_filters
         # retain_handling 1: the broker sends retained messages only for a new subscription,
         # so a resumed persistent session does not replay them.
-        subscriptions = [
-            gmqtt.Subscription(f, qos=settings.mqtt_qos, retain_handling_options=1) for f in filters
-        ]
-        subscribed: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-
-        def on_subscribe(_client: Any, _mid: int, granted: list[int], _properties: Any) -> None:
-            if not subscribed.done():
-                subscribed.set_result(list(granted))
-
-        client.on_subscribe = on_subscribe
-        client.subscribe(subscriptions)
-        # Connected means subscribed: a message published after readiness must not be missed.
-        granted = await asyncio.wait_for(subscribed, _CONNECT_TIMEOUT)
+        granted = await connection.subscribe(filters, settings.mqtt_qos, retain_handling=1)
         refused = [f for f, code in zip(filters, granted, strict=False) if code >= 0x80]
         if refused:
             raise PermissionError(f"broker refused the subscription to {', '.join(refused)}")
+        # Connected means subscribed: a message published after readiness must not be missed.
         self._telemetry.log.info(
             "mqtt subscribed",
             filters=filters,
             qos=settings.mqtt_qos,
             client_id=settings.mqtt_client_id,
+            protocol="5" if self._version == MQTT_5 else "3.1.1",
         )
-
-    def _on_disconnect(self, client: Any, packet: Any, exc: Any = None) -> None:
-        self._disconnected.set()
-
-    def _publish_failed(self, exc: Exception) -> None:
-        self._telemetry.dropped("unhandled_message", intentional=False)
-        self._telemetry.error(TARGET, "mqtt message not handled", error=describe(exc))
 
     def _invalid(self, reason: str, topic: str) -> None:
         self._telemetry.invalid(TARGET, reason, topic=topic)
@@ -296,12 +350,34 @@ class MqttSource:
         return now
 
     def _on_publish(
-        self, topic: str, payload: bytes, qos: int, retained: bool, redelivery: bool = False
-    ) -> asyncio.Future[None] | None:
-        """Encode and buffer one message; returns the future of its durability, or None when
-        the message is not stored (excluded, replayed) and may be acknowledged at once."""
-        time_ns = self._timestamp()
+        self, topic: str, payload: bytes, qos: int, retained: bool, dup: bool, packet_id: int
+    ) -> None:
+        """One received PUBLISH: stored (or deliberately not), then acknowledged when due."""
         self._count_received()
+        try:
+            if qos:
+                first = self._redeliveries.first_copy(packet_id, topic, dup)
+                if first is not None:
+                    self._telemetry.dropped("duplicate_redelivery", intentional=True)
+                    durable = first[0]
+                else:
+                    durable = self._store(topic, payload, qos, retained)
+                acks = self._acks
+                assert acks is not None
+                acks.add(qos, packet_id, topic, durable)
+            else:
+                self._store(topic, payload, qos, retained)
+        except Exception as exc:  # one bad message must not stop the stream
+            self._telemetry.dropped("unhandled_message", intentional=False)
+            self._telemetry.error(TARGET, "mqtt message not handled", error=describe(exc))
+            # Not acknowledged: the broker sends it again after the next reconnect.
+
+    def _store(
+        self, topic: str, payload: bytes, qos: int, retained: bool
+    ) -> asyncio.Future[None] | None:
+        """Encode and buffer one message; the future of its durability, or None when it is
+        not stored (excluded, replayed) and may be acknowledged at once."""
+        time_ns = self._timestamp()
         if self._discovery.is_config_topic(topic):
             self._apply_discovery(topic, payload)
             if not self._include.matches(topic):
@@ -312,12 +388,9 @@ class MqttSource:
         if self._replays.is_replay(topic, payload, retained):
             self._telemetry.dropped("retained_replay", intentional=True)
             return None
-        if qos and self._redeliveries.seen(topic, payload, redelivery):
-            self._telemetry.dropped("duplicate_redelivery", intentional=True)
-            return None
         line = self._encoder.encode(topic, payload, qos, retained, time_ns)
         accepted = self._last_accepted = self._buffer.add(line)
-        if self._buffer.full() and not self._paused:
+        if not self._paused and self._buffer.full():
             self._pause_reading()
         return accepted
 
@@ -332,42 +405,35 @@ class MqttSource:
         self._received.inc(self._uncounted)
         self._uncounted = 0
 
-    async def _acknowledge_accepted(self) -> None:
+    async def _acknowledge_accepted(self, connection: MqttConnection) -> None:
         """Shutdown: stop reading and wait until what was accepted is durable, so that its
         acknowledgements leave before the DISCONNECT; else the broker would send those
         messages again to the next run, which would store them twice."""
-        transport = self._transport()
-        if transport is not None:
-            transport.pause_reading()
+        connection.pause_reading()
         last = self._last_accepted
         if last is not None and not last.done():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(last), _ACK_ON_SHUTDOWN_TIMEOUT)
         await asyncio.sleep(0)  # the acknowledgements go out from the future's callbacks
 
-    def _transport(self) -> asyncio.Transport | None:
-        connection = getattr(self._connection_client, "_connection", None)
-        transport: asyncio.Transport | None = getattr(connection, "_transport", None)
-        return transport
-
     def _pause_reading(self) -> None:
         """Back-pressure: stop reading the socket until the buffer has room. The broker then
         holds unacknowledged QoS 1/2 messages (and queues QoS 0 within its limits)."""
-        transport = self._transport()
-        if transport is None:
+        connection = self._connection
+        if connection is None:
             return
         self._paused = True
-        transport.pause_reading()
+        connection.pause_reading()
         self._telemetry.metrics.queue_depth.labels("mqtt_paused").set(1)
 
         async def resume() -> None:
             try:
                 await self._buffer.wait_for_room()
             finally:
-                self._paused = False
+                if self._connection is connection:
+                    self._paused = False
                 self._telemetry.metrics.queue_depth.labels("mqtt_paused").set(0)
-                if not transport.is_closing():
-                    transport.resume_reading()
+                connection.resume_reading()
 
         self._resume_task = asyncio.create_task(resume(), name="mqtt-resume-reading")
 
@@ -381,6 +447,10 @@ class MqttSource:
             self._encoder.discovery_changed()
 
 
-async def _close(client: Any) -> None:
-    with contextlib.suppress(Exception):  # the connection is being dropped anyway
-        await asyncio.wait_for(client.disconnect(), 2.0)
+def _failed(future: asyncio.Future[None] | None) -> bool:
+    """Whether ``future`` ended without its line becoming durable."""
+    return (
+        future is not None
+        and future.done()
+        and (future.cancelled() or future.exception() is not None)
+    )

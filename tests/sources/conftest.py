@@ -1,0 +1,3 @@
+from tests.sources.scripted_broker import broker
+
+__all__ = ["broker"]
