@@ -95,6 +95,7 @@ def test_a_payload_cap_above_influxdbs_string_limit_is_refused_by_name() -> None
     assert set(load_settings(env).ha_state_fields_always) == {
         "attributes",
         "context",
+        "last_reported",
         "last_changed",
         "previous_state",
     }

@@ -186,6 +186,20 @@ def test_floor_is_a_tag_labels_a_field_and_last_reported_is_kept() -> None:
     assert restored.fields["labels"] == "Critical,Energy"
 
 
+def test_last_reported_equal_to_the_time_is_left_out_so_back_fill_matches_live() -> None:
+    new = state("sensor.meter", "5") | {"last_reported": T1}
+    live = mapped(mapper(), state_changed("sensor.meter", new, None))
+    assert "last_reported" not in live.fields
+    restored = mapper().history_point("sensor.meter", {"s": "5", "a": {}, "lu": T1_NS / 1e9}, None)
+    assert restored is not None
+    assert restored.fields == live.fields
+    kept = mapped(
+        mapper(state_fields_always=frozenset({"last_reported"})),
+        state_changed("sensor.meter", new, None),
+    )
+    assert kept.fields["last_reported"] == T1_NS // 1000 / 1_000_000
+
+
 @pytest.mark.parametrize(
     ("text", "value"),
     [
