@@ -218,6 +218,12 @@ class Settings(BaseModel):
         description="At the cap: `drop_oldest` deletes the oldest batches, `drop_newest` refuses "
         "new data. Either way the loss is logged and counted.",
     )
+    spool_min_free_bytes: int = Field(
+        64 * 1024**2,
+        ge=0,
+        description="Free space the spool leaves on its disk: when the disk (which it may share) "
+        "has less, the overflow policy applies as at the cap, before the disk is full. 0 = off.",
+    )
     spool_enabled: bool = Field(
         True, description="Keep the durable spool. Off = memory only (data is lost on a crash)."
     )
