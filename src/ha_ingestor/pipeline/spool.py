@@ -157,6 +157,7 @@ class SqliteSpool:
         self._reserve_wanted = True
         self._free_bytes: int | None = None  # on the spool's disk, as of the last commit
         self._freelist_bytes = 0  # pages inside the spool file free for reuse
+        self._freeing = 0  # bytes of groups the next commit deletes
         self._page_size = 4096
         self._fault: StorageFault | None = None
         self._retry_delay = _RETRY_FIRST
@@ -299,6 +300,7 @@ class SqliteSpool:
     async def _commit_once(self) -> None:
         pending, self._pending = self._pending, _Pending()
         acked, self._acked = self._acked, []
+        freeing, self._freeing = self._freeing, 0
         checkpoints, self._dirty_checkpoints = self._dirty_checkpoints, {}
         if self._fault is None:
             self._room.set()
@@ -306,7 +308,7 @@ class SqliteSpool:
             pending = self._admit(pending)
         packed = _pack(pending.lines) if pending.lines else None
         try:
-            self._check_headroom(pending.size)
+            self._check_headroom(pending.size, freeing)
             group_id = await self._run(
                 self._write,
                 packed,
@@ -319,6 +321,7 @@ class SqliteSpool:
         except BaseException as exc:
             # Nothing was stored: put it back so it is retried, and keep callers waiting.
             self._restore(pending, acked, checkpoints)
+            self._freeing += freeing
             if not isinstance(exc, Exception):
                 raise
             self._storage_failed(exc)
@@ -378,6 +381,7 @@ class SqliteSpool:
             dropped_lines += old.count
             self._lines -= old.count
             self._bytes -= old.size
+            self._freeing += old.size
             if old.packed is not None:
                 self._memory_bytes -= old.size
         if dropped_ids:
@@ -397,7 +401,9 @@ class SqliteSpool:
         """Bytes the spool may hold now, and whether the disk's margin (not the cap) sets it."""
         if not self._min_free_bytes or self._free_bytes is None:
             return self._max_bytes, False
-        room = self._free_bytes + self._freelist_bytes - self._min_free_bytes
+        # The margin includes the headroom and reserve the spool keeps for itself anyway.
+        margin = max(self._min_free_bytes, _HEADROOM + self._reserve.size)
+        room = self._free_bytes + self._freelist_bytes + self._freeing - margin
         limit = self._bytes + max(0, room)
         if limit < self._max_bytes:
             return limit, True
@@ -531,6 +537,7 @@ class SqliteSpool:
             self._lines -= group.count
             self._bytes -= group.size
             self._memory_bytes -= group.size
+            self._freeing += group.size
             self._acked.append(group_id)
         self._wake_committer.set()
         self._update_gauges()
@@ -576,13 +583,18 @@ class SqliteSpool:
         self._measure_space(db)
 
     def _check_file(self) -> None:
-        """Writing to a spool file that was deleted would store nothing that survives a restart."""
+        """Before a commit: writing on to a file that was deleted would store nothing that
+        survives a restart; and a directory that became read-only (a disk remounted read-only
+        after errors, changed permissions) would stop the next start, which must create files
+        there, even while the open file still takes writes."""
         try:
             inode = os.stat(self._path).st_ino
         except FileNotFoundError:
-            raise SpoolFileMissingError(f"{self._path} was removed") from None
+            raise SpoolFileMissingError(errno.ENOENT, f"{self._path} was removed") from None
         if inode != self._inode:
-            raise SpoolFileMissingError(f"{self._path} was replaced")
+            raise SpoolFileMissingError(errno.ENOENT, f"{self._path} was replaced")
+        if not os.access(self._directory, os.W_OK):
+            raise OSError(errno.EROFS, f"{self._directory} is not writable")
 
     def _measure_space(self, db: sqlite3.Connection) -> None:
         """Free space on the disk and inside the file (runs on the spool thread after commits);
@@ -650,19 +662,26 @@ class SqliteSpool:
         self._wake_committer.set()
 
     def _room_for_pending(self) -> bool:
-        """Whether to try storing new data again after the disk was full (with hysteresis)."""
+        """Whether to try storing new data again after the disk was full."""
+        return self._room_for(self._pending.size)
+
+    def _room_for(self, size: int, freeing: int = 0) -> bool:
+        """Whether ``size`` more bytes leave the disk the headroom the spool needs to drain,
+        and the space reserve; after a full disk, with more to spare (no flapping)."""
         free = self._free_bytes
         if free is None:
             return True
         reserve = self._reserve.size if self._reserve_wanted else 0
-        room = free + self._freelist_bytes - _HEADROOM - reserve
-        return room >= 2 * self._pending.size + _WAL_LIMIT
+        room = free + self._freelist_bytes + self._freeing + freeing - _HEADROOM - reserve
+        fault = self._fault
+        if fault is not None and fault.state == StorageState.DISK_FULL:
+            return room >= 2 * size + _WAL_LIMIT
+        return room >= size
 
-    def _check_headroom(self, size: int) -> None:
-        """Refuse to store ``size`` more bytes when the disk would be left without the headroom
-        the spool needs to drain (as if the disk were full, which it nearly is)."""
-        free = self._free_bytes
-        if free is not None and free + self._freelist_bytes - _HEADROOM < size:
+    def _check_headroom(self, size: int, freeing: int) -> None:
+        """Refuse to store ``size`` more bytes (while deleting ``freeing``) where it would leave
+        no room to drain: as if the disk were full, which it nearly is."""
+        if not self._room_for(size, freeing):
             raise OSError(errno.ENOSPC, f"less than {_HEADROOM} bytes would be left free")
 
     async def _reclaim(self, state: StorageState) -> None:
@@ -670,10 +689,12 @@ class SqliteSpool:
         own, so the drain goes on (with the reserve given back and the WAL checkpointed first
         when the disk is full)."""
         acked, self._acked = self._acked, []
+        freeing, self._freeing = self._freeing, 0
         try:
             await self._run(self._delete_written, acked, state == StorageState.DISK_FULL)
         except (sqlite3.Error, OSError) as exc:
             self._acked[:0] = acked
+            self._freeing += freeing
             self._telemetry.metrics.spool_errors.labels(classify(exc, self._directory)).inc()
         self._update_gauges()
 
