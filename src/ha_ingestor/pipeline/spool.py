@@ -55,6 +55,8 @@ _WAL_LIMIT = 1024 * 1024
 #: Disk space the spool leaves free for itself: checkpointing the WAL into the file and deleting
 #: what was written must never find the disk full.
 _HEADROOM = 2 * _WAL_LIMIT
+#: On a full disk, waiting lines are stored in parts of at least this size as space returns.
+_MIN_PART = 64 * 1024
 #: Seconds between attempts while the storage fails: from the first to the last.
 _RETRY_FIRST, _RETRY_MAX = 0.25, 2.0
 
@@ -161,6 +163,7 @@ class SqliteSpool:
         self._page_size = 4096
         self._fault: StorageFault | None = None
         self._retry_delay = _RETRY_FIRST
+        self._part_lock = asyncio.Lock()  # a part stored while full vs. the shutdown's flush
 
     # --- lifecycle ---------------------------------------------------------------------------------
     async def __aenter__(self) -> SqliteSpool:
@@ -269,11 +272,12 @@ class SqliteSpool:
         """Commit everything added so far; during a storage fault, make one attempt only: what
         cannot be committed is not accepted (its futures stay pending, MQTT messages are not
         acknowledged and the broker sends them again)."""
-        while self._pending.lines or self._acked or self._dirty_checkpoints:
-            try:
-                await self._commit_once()
-            except SpoolError:
-                return
+        async with self._part_lock:
+            while self._pending.lines or self._acked or self._dirty_checkpoints:
+                try:
+                    await self._commit_once()
+                except SpoolError:
+                    return
 
     # --- checkpoints -------------------------------------------------------------------------------
     def load(self, key: str) -> str | None:
@@ -656,23 +660,67 @@ class SqliteSpool:
                 await asyncio.sleep(self._retry_delay)
                 self._retry_delay = min(_RETRY_MAX, self._retry_delay * 2)
                 break
+            while await self._store_part():  # the backlog goes in as space comes back
+                pass
             if self._room_for_pending():
                 break
             await asyncio.sleep(_RETRY_FIRST)
         self._wake_committer.set()
 
+    async def _store_part(self) -> bool:
+        """Disk full, with some room back: store the oldest waiting lines that fit as a group
+        of their own. Their future resolves with the rest (one future covers all the lines
+        added with it); False when nothing could be stored."""
+        async with self._part_lock:
+            pending = self._pending
+            budget = self._room_bytes() // 2 - _WAL_LIMIT
+            if not pending.lines or budget < _MIN_PART:
+                return False
+            count, size = 0, 0
+            for text in pending.lines:
+                if size + len(text) + 1 > budget and count:
+                    break
+                count += 1
+                size += len(text) + 1
+            if count == len(pending.lines):
+                return False  # all of it fits: the ordinary commit takes it
+            lines = pending.lines[:count]
+            packed = _pack(lines)
+            try:
+                group_id = await self._run(
+                    self._write, packed, pending.first_at, count, size, [], {}
+                )
+            except (sqlite3.Error, OSError) as exc:
+                self._telemetry.metrics.spool_errors.labels(classify(exc, self._directory)).inc()
+                return False
+            del pending.lines[:count]
+            pending.size -= size
+            assert group_id is not None
+            group = _Group(group_id, packed, pending.first_at, count, size)
+            self._groups.append(group)
+            self._lines += count
+            self._bytes += size
+            self._keep_in_memory(group)
+            self._update_gauges()
+            self._committed.set()
+            return True
+
     def _room_for_pending(self) -> bool:
         """Whether to try storing new data again after the disk was full."""
         return self._room_for(self._pending.size)
 
+    def _room_bytes(self, freeing: int = 0) -> int:
+        """Bytes the spool may still fill, keeping its headroom and the space reserve."""
+        free = self._free_bytes
+        if free is None:
+            return 1 << 62
+        reserve = self._reserve.size if self._reserve_wanted else 0
+        return free + self._freelist_bytes + self._freeing + freeing - _HEADROOM - reserve
+
     def _room_for(self, size: int, freeing: int = 0) -> bool:
         """Whether ``size`` more bytes leave the disk the headroom the spool needs to drain,
         and the space reserve; after a full disk, with more to spare (no flapping)."""
-        free = self._free_bytes
-        if free is None:
-            return True
-        reserve = self._reserve.size if self._reserve_wanted else 0
-        room = free + self._freelist_bytes + self._freeing + freeing - _HEADROOM - reserve
+        room = self._room_bytes(freeing)
         fault = self._fault
         if fault is not None and fault.state == StorageState.DISK_FULL:
             return room >= 2 * size + _WAL_LIMIT
