@@ -160,6 +160,7 @@ class SqliteSpool:
         self._free_bytes: int | None = None  # on the spool's disk, as of the last commit
         self._freelist_bytes = 0  # pages inside the spool file free for reuse
         self._freeing = 0  # bytes of groups the next commit deletes
+        self._disk_room = 1 << 62  # bytes the disk can take, as of the last commit
         self._page_size = 4096
         self._fault: StorageFault | None = None
         self._retry_delay = _RETRY_FIRST
@@ -258,7 +259,7 @@ class SqliteSpool:
             self._wake_committer.set()
         pending.lines.append(line)
         pending.size += len(line) + 1
-        if len(pending.lines) >= self._max_pending_lines:
+        if len(pending.lines) >= self._max_pending_lines or pending.size >= self._disk_room:
             self._room.clear()
         return pending.future
 
@@ -332,6 +333,8 @@ class SqliteSpool:
             raise SpoolError(str(exc)) from exc
         if self._fault is not None:
             self._storage_recovered()
+        # Sources stop reading before the disk is full, not after the next commit found out.
+        self._disk_room = max(_MIN_PART, self._room_bytes())
         if group_id is not None:
             group = _Group(group_id, packed, pending.first_at, len(pending.lines), pending.size)
             self._groups.append(group)
@@ -673,7 +676,7 @@ class SqliteSpool:
         added with it); False when nothing could be stored."""
         async with self._part_lock:
             pending = self._pending
-            budget = self._room_bytes() // 2 - _WAL_LIMIT
+            budget = self._room_bytes() // 2
             if not pending.lines or budget < _MIN_PART:
                 return False
             count, size = 0, 0
