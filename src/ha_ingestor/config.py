@@ -167,6 +167,13 @@ class Settings(BaseModel):
         description="Longest wait after a reconnect for Home Assistant's recorder to commit "
         "the gap (it writes in the background) before the gap is back-filled (0 = no wait).",
     )
+    ha_max_held_events: int = Field(
+        20_000,
+        ge=100,
+        description="Events held in memory while the buffer takes none (e.g. the spool's disk "
+        "is full); newer ones are left to the back-fill: state changes come back from the "
+        "recorder's history, other events are lost (counted).",
+    )
     ha_backfill_max_hours: float = Field(
         24.0, ge=0, description="Longest gap back-filled from Home Assistant's history."
     )
