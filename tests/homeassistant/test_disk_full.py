@@ -120,7 +120,14 @@ async def test_a_burst_while_the_disk_is_full_is_held_up_to_the_bound_and_back_f
                 recorded = {(e, t) for e, t in rows if low <= t <= high}
                 return len(recorded) == 420 and recorded <= set(stored())
 
-            await wait_for(agree, timeout=120, interval=0.5, message="recorder agreement")
+            try:
+                await wait_for(agree, timeout=120, interval=0.5, message="recorder agreement")
+            except TimeoutError:
+                missing = sorted(recorded - set(stored()))
+                raise AssertionError(
+                    f"{len(recorded)} recorded, {len(stored())} stored, "
+                    f"missing {len(missing)}: {missing[:5]}"
+                ) from None
             drain.task.cancel()
             points = stored()
             assert set(points) == recorded  # nothing stored that the recorder does not have

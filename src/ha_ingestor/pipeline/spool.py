@@ -165,6 +165,7 @@ class SqliteSpool:
         self._fault: StorageFault | None = None
         self._retry_delay = _RETRY_FIRST
         self._part_lock = asyncio.Lock()  # a part stored while full vs. the shutdown's flush
+        self._part_ids: list[int] = []  # groups stored as parts of the waiting lines
 
     # --- lifecycle ---------------------------------------------------------------------------------
     async def __aenter__(self) -> SqliteSpool:
@@ -184,6 +185,7 @@ class SqliteSpool:
         if self._committer is not None:
             self._committer.cancel()
             await asyncio.gather(self._committer, return_exceptions=True)
+        await self._forget_parts()
         await self._run(self._close_db)
         self._executor.shutdown(wait=True)
 
@@ -331,6 +333,7 @@ class SqliteSpool:
                 raise
             self._storage_failed(exc)
             raise SpoolError(str(exc)) from exc
+        self._part_ids.clear()  # their future resolved with this commit
         if self._fault is not None:
             self._storage_recovered()
         # Sources stop reading before the disk is full, not after the next commit found out.
@@ -699,6 +702,7 @@ class SqliteSpool:
             del pending.lines[:count]
             pending.size -= size
             assert group_id is not None
+            self._part_ids.append(group_id)
             group = _Group(group_id, packed, pending.first_at, count, size)
             self._groups.append(group)
             self._lines += count
@@ -711,6 +715,19 @@ class SqliteSpool:
     def _room_for_pending(self) -> bool:
         """Whether to try storing new data again after the disk was full."""
         return self._room_for(self._pending.size)
+
+    async def _forget_parts(self) -> None:
+        """At close, with waiting lines that could not all be stored: delete the parts stored
+        of them. They were never accepted (their future never resolved, no MQTT message among
+        them was acknowledged): the broker sends them again, and kept they would be stored
+        twice."""
+        if not self._pending.lines or not self._part_ids:
+            return
+        ids, self._part_ids = self._part_ids, []
+        try:
+            await self._run(self._write, None, 0.0, 0, 0, ids, {})
+        except (sqlite3.Error, OSError) as exc:
+            self._telemetry.metrics.spool_errors.labels(classify(exc, self._directory)).inc()
 
     def _room_bytes(self, freeing: int = 0) -> int:
         """Bytes the spool may still fill, keeping its headroom and the space reserve."""
@@ -726,7 +743,7 @@ class SqliteSpool:
         room = self._room_bytes(freeing)
         fault = self._fault
         if fault is not None and fault.state == StorageState.DISK_FULL:
-            return room >= 2 * size + _WAL_LIMIT
+            return room >= 2 * size  # as _store_part: half the room, at most
         return room >= size
 
     def _check_headroom(self, size: int, freeing: int) -> None:
