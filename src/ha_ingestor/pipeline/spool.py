@@ -57,6 +57,8 @@ _WAL_LIMIT = 1024 * 1024
 _HEADROOM = 2 * _WAL_LIMIT
 #: On a full disk, waiting lines are stored in parts of at least this size as space returns.
 _MIN_PART = 64 * 1024
+#: A fault that comes back within this many seconds of its end continues it (not logged again).
+_FLAP_WINDOW = 30.0
 #: Seconds between attempts while the storage fails: from the first to the last.
 _RETRY_FIRST, _RETRY_MAX = 0.25, 2.0
 
@@ -163,6 +165,10 @@ class SqliteSpool:
         self._disk_room = 1 << 62  # bytes the disk can take, as of the last commit
         self._page_size = 4096
         self._fault: StorageFault | None = None
+        self._last_fault: StorageFault | None = None
+        self._recovered_at = 0.0
+        self._recovery_logged_for: StorageFault | None = None
+        self._quiet_since: float | None = None  # a continued fault, not logged again (yet)
         self._retry_delay = _RETRY_FIRST
         self._part_lock = asyncio.Lock()  # a part stored while full vs. the shutdown's flush
         self._part_ids: list[int] = []  # groups stored as parts of the waiting lines
@@ -619,7 +625,9 @@ class SqliteSpool:
                 self._free_bytes = free_bytes(self._directory)
 
     def _storage_failed(self, exc: BaseException) -> None:
-        """Count a failed spool operation; log and stop intake when the state changes."""
+        """Count a failed spool operation; stop intake and log when the state changes. A
+        disk that fills again soon after it had room (the drain and the intake taking turns)
+        continues the fault it came out of: logged once, not at every turn."""
         state = classify(exc, self._directory)
         telemetry = self._telemetry
         telemetry.metrics.spool_errors.labels(state.value).inc()
@@ -627,15 +635,29 @@ class SqliteSpool:
         previous = self._fault
         if previous is not None and previous.state == state:
             return
-        self._fault = fault = StorageFault(state, str(exc), telemetry.clock())
-        pending = self._pending
-        telemetry.error(
+        now = telemetry.clock()
+        last = self._last_fault
+        if (
+            previous is None
+            and last is not None
+            and last.state == state
+            and now - self._recovered_at < _FLAP_WINDOW
+        ):
+            self._fault = last  # same fault, same start
+            self._quiet_since = now
+            self._update_gauges()
+            return
+        self._fault = fault = self._last_fault = StorageFault(state, str(exc), now)
+        self._log_fault(fault)
+
+    def _log_fault(self, fault: StorageFault) -> None:
+        self._telemetry.error(
             "spool",
             "spool cannot store new data",
-            reason=state.value,
-            error=str(exc),
+            reason=fault.state.value,
+            error=fault.error,
             directory=str(self._directory),
-            waiting_lines=len(pending.lines),
+            waiting_lines=len(self._pending.lines),
             action=fault.advice,
         )
         self._update_gauges()
@@ -644,20 +666,29 @@ class SqliteSpool:
         fault = self._fault
         assert fault is not None
         self._fault = None
+        self._quiet_since = None
         self._retry_delay = _RETRY_FIRST
+        now = self._recovered_at = self._telemetry.clock()
         if len(self._pending.lines) < self._max_pending_lines:
             self._room.set()
-        self._telemetry.log.warning(
-            "spool storing again",
-            reason=fault.state.value,
-            lasted_seconds=round(self._telemetry.clock() - fault.since, 1),
-        )
+        if self._recovery_logged_for is not fault:
+            self._recovery_logged_for = fault
+            self._telemetry.log.warning(
+                "spool storing again",
+                reason=fault.state.value,
+                lasted_seconds=round(now - fault.since, 1),
+            )
 
     async def _ride_out_fault(self) -> None:
         """Between failed commits: recover what can be recovered, then wait to retry. On a
         full disk new data is tried again only once there is room for it and for the space
         reserve: the space that deletes free must not be eaten up by the next insert."""
         while (fault := self._fault) is not None and not self._closed:
+            quiet = self._quiet_since
+            if quiet is not None and self._telemetry.clock() - quiet > _FLAP_WINDOW:
+                self._quiet_since = None  # it lasts after all: say so, and later its end
+                self._recovery_logged_for = None
+                self._log_fault(fault)
             if fault.state in (StorageState.MISSING, StorageState.CORRUPT):
                 await self._rebuild()
             else:

@@ -303,6 +303,9 @@ class HomeAssistantSource:
                 first_ns = parse_time_ns(str(shed[0].get("time_fired")))
             except (ValueError, TypeError):
                 first_ns = int(telemetry.clock() * 1e9)
+            # Just before it: the back-fill takes a row at its very start for the state the
+            # gap began with, not for a change.
+            first_ns -= 1000
             self._shed_from_ns = first_ns
             self._hold_ns = first_ns if self._hold_ns is None else min(self._hold_ns, first_ns)
         telemetry.warn_throttled(
