@@ -342,8 +342,6 @@ class SqliteSpool:
         self._part_ids.clear()  # their future resolved with this commit
         if self._fault is not None:
             self._storage_recovered()
-        # Sources stop reading before the disk is full, not after the next commit found out.
-        self._disk_room = max(_MIN_PART, self._room_bytes())
         if group_id is not None:
             group = _Group(group_id, packed, pending.first_at, len(pending.lines), pending.size)
             self._groups.append(group)
@@ -623,6 +621,8 @@ class SqliteSpool:
             self._reserve_wanted = not self._reserve.make()
             if not self._reserve_wanted:
                 self._free_bytes = free_bytes(self._directory)
+        # Sources stop reading before the disk is full, not after the next commit found out.
+        self._disk_room = max(_MIN_PART, self._room_bytes())
 
     def _storage_failed(self, exc: BaseException) -> None:
         """Count a failed spool operation; stop intake and log when the state changes. A
