@@ -194,6 +194,14 @@ class SqliteSpool:
         await self._forget_parts()
         await self._run(self._close_db)
         self._executor.shutdown(wait=True)
+        self._telemetry.log.info(
+            "spool closed",
+            stored_lines=self._lines,
+            stored_groups=len(self._groups) + len(self._in_flight),
+            in_flight_groups=len(self._in_flight),
+            waiting_lines=len(self._pending.lines),  # never accepted: sent again by the broker
+            storage=self._fault.state.value if self._fault else "ok",
+        )
 
     def _open(self) -> None:
         self._directory.mkdir(parents=True, exist_ok=True)
