@@ -49,6 +49,7 @@ async def open_buffer(
         telemetry,
         max_bytes=settings.spool_max_bytes,
         overflow=settings.spool_overflow,
+        min_free_bytes=settings.spool_min_free_bytes,
         commit_interval=settings.spool_commit_interval,
     )
     async with spool:

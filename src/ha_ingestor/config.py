@@ -184,6 +184,13 @@ class Settings(BaseModel):
         description="Longest wait after a reconnect for Home Assistant's recorder to commit "
         "the gap (it writes in the background) before the gap is back-filled (0 = no wait).",
     )
+    ha_max_held_events: int = Field(
+        20_000,
+        ge=100,
+        description="Events held in memory while the buffer takes none (e.g. the spool's disk "
+        "is full); newer ones are left to the back-fill: state changes come back from the "
+        "recorder's history, other events are lost (counted).",
+    )
     ha_backfill_max_hours: float = Field(
         24.0, ge=0, description="Longest gap back-filled from Home Assistant's history."
     )
@@ -241,6 +248,12 @@ class Settings(BaseModel):
         OverflowPolicy.DROP_OLDEST,
         description="At the cap: `drop_oldest` deletes the oldest batches, `drop_newest` refuses "
         "new data. Either way the loss is logged and counted.",
+    )
+    spool_min_free_bytes: int = Field(
+        64 * 1024**2,
+        ge=0,
+        description="Free space the spool leaves on its disk: when the disk (which it may share) "
+        "has less, the overflow policy applies as at the cap, before the disk is full. 0 = off.",
     )
     spool_enabled: bool = Field(
         True, description="Keep the durable spool. Off = memory only (data is lost on a crash)."

@@ -132,6 +132,17 @@ class Metrics:
         self.spool_lines = Gauge(
             "ha_ingestor_spool_lines", "Lines waiting in the spool.", registry=registry
         )
+        self.spool_errors = Counter(
+            "ha_ingestor_spool_errors",
+            "Failed spool operations by reason (disk_full, read_only, io_error, missing, corrupt).",
+            ["reason"],
+            registry=registry,
+        )
+        self.spool_durable = Gauge(
+            "ha_ingestor_spool_durable",
+            "1 while the spool can make new data durable, 0 during a storage fault.",
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "ha_ingestor_queue_depth",
             "Items in in-memory queues, by queue.",

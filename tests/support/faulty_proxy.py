@@ -1,7 +1,9 @@
-"""An HTTP proxy in front of a real InfluxDB that fails the first N writes with a chosen status."""
+"""An HTTP proxy in front of a real InfluxDB that fails the first N writes with a chosen status,
+and can make every write it forwards slow (``delay`` seconds)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -11,8 +13,16 @@ from tests.support.servers import HOST
 
 
 class FaultyProxy:
-    def __init__(self, target: str, fail_first: int, status: int, retry_after: str | None = None):
+    def __init__(
+        self,
+        target: str,
+        fail_first: int = 0,
+        status: int = 500,
+        retry_after: str | None = None,
+        delay: float = 0.0,
+    ):
         self.target = target
+        self.delay = delay
         self.fail_first = fail_first
         self.status = status
         self.retry_after = retry_after
@@ -48,6 +58,8 @@ class FaultyProxy:
                 {"error": f"injected {self.status}"}, status=self.status, headers=headers
             )
         assert self._session is not None
+        if request.path.endswith("/write") and self.delay:
+            await asyncio.sleep(self.delay)
         headers = {
             k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")
         }

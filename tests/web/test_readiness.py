@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from ha_ingestor.pipeline.buffer import MemoryBuffer
+from ha_ingestor.pipeline.buffer import MEMORY_ONLY, MemoryBuffer, StorageStatus
 from ha_ingestor.telemetry import ConnState, Telemetry
 from ha_ingestor.web.readiness import Readiness, enabled_sources, not_ready
 from tests.web.support import BOTH_SOURCES, MQTT_ONLY, make_settings
@@ -104,3 +104,26 @@ def test_readiness_reads_the_live_state() -> None:
     assert readiness.is_ready()
     telemetry.set_state("mqtt", ConnState.STOPPED)
     assert readiness.problems() == {"mqtt": "stopped since 2026-03-01T12:00:00+00:00"}
+
+
+def test_a_spool_that_cannot_store_is_not_ready_and_says_why_and_what_to_do() -> None:
+    settings = make_settings(spool_dir="/data/spool")
+    telemetry = telemetry_at()
+    telemetry.set_state("mqtt", ConnState.CONNECTED)
+    telemetry.set_state("influxdb", ConnState.CONNECTED)
+    fault = StorageStatus(
+        durable=False,
+        state="disk_full",
+        error="database or disk is full",
+        since=T0,
+        advice="free space on the spool's disk",
+    )
+    problems = not_ready(settings, telemetry.connections, (1234, 5 * MIB), fault)
+    assert problems == {
+        "spool": "disk_full since 2026-03-01T12:00:00+00:00: database or disk is full "
+        "(/data/spool); new data is not accepted (MQTT messages are not acknowledged); "
+        "1234 lines wait to be written to InfluxDB; free space on the spool's disk"
+    }
+    ok = StorageStatus(durable=True, state="ok")
+    assert not_ready(settings, telemetry.connections, (1234, 5 * MIB), ok) == {}
+    assert not_ready(settings, telemetry.connections, (0, 0), MEMORY_ONLY) == {}

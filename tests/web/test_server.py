@@ -136,12 +136,17 @@ async def test_metrics_report_the_spool_depth_at_scrape_time(tmp_path: Path) -> 
             assert values[("ha_ingestor_spool_lines", ())] == 10
             assert values[("ha_ingestor_spool_bytes", ())] == size
             status = (await served.get_json("/status"))[1]
-            assert status["buffer"] == {
+            buffer = status["buffer"]
+            storage = buffer.pop("storage")
+            assert buffer == {
                 "lines": 10,
                 "bytes": size,
                 "durable": True,
                 "max_bytes": settings.spool_max_bytes,
             }
+            assert storage["state"] == "ok"
+            assert storage["error"] is None
+            assert storage["free_bytes"] > 0
 
 
 async def test_status_reports_state_counters_rates_and_errors() -> None:
@@ -188,6 +193,7 @@ async def test_status_reports_state_counters_rates_and_errors() -> None:
     assert ha["last_error"] == "<b>closed</b>"
     assert set(ha) == {"state", "since", "reconnects", "last_error", "last_error_at"}
     assert connections["mqtt"]["state"] == "connected"
+    assert status["buffer"].pop("storage")["state"] == "memory"
     assert status["buffer"] == {"lines": 1, "bytes": 9, "durable": False, "max_bytes": None}
     assert status["queues"] == {"homeassistant": 3}
     counters = status["counters"]

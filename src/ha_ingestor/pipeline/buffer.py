@@ -25,6 +25,25 @@ class Batch:
     replayed: bool = False  # True when read back from disk after a restart
 
 
+@dataclass(frozen=True, slots=True)
+class StorageStatus:
+    """Whether what the buffer accepts survives a crash, and if not now, why (``/status``)."""
+
+    durable: bool  # accepted lines are on disk
+    state: str  # "ok", "memory" (no spool), or the storage fault: "disk_full", "read_only", ...
+    error: str | None = None
+    since: float | None = None  # start of the fault
+    advice: str | None = None  # what the user can do about it
+    free_bytes: int | None = None  # free space on the spool's disk
+
+    @property
+    def faulted(self) -> bool:
+        return self.state not in ("ok", "memory")
+
+
+MEMORY_ONLY = StorageStatus(durable=False, state="memory")
+
+
 class Buffer(Protocol):
     """What sources feed and the writer drains. Implementations: MemoryBuffer, SqliteSpool."""
 
@@ -57,7 +76,12 @@ class Buffer(Protocol):
         ...
 
     async def flush(self) -> None:
-        """Commit every line added so far (shutdown)."""
+        """Commit every line added so far (shutdown). Returns also when the storage cannot
+        commit: what is not committed then is not accepted (its futures stay pending)."""
+        ...
+
+    def storage(self) -> StorageStatus:
+        """Durability now; while the spool's storage fails, ``full()`` is True as well."""
         ...
 
 
@@ -193,6 +217,9 @@ class MemoryBuffer:
 
     async def flush(self) -> None:
         self._seal()
+
+    def storage(self) -> StorageStatus:
+        return MEMORY_ONLY
 
 
 class Checkpoints(Protocol):

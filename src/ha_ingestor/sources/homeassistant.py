@@ -152,6 +152,8 @@ class HomeAssistantSource:
         self._events_ready = asyncio.Event()
         self._last_received: str | None = None  # time_fired of the newest event read
         self._probe: LiveProbe | None = None  # while a gap waits for its back-fill
+        self._max_held = settings.ha_max_held_events
+        self._shed_from_ns: int | None = None  # first event not held (past the bound)
         # the current connection
         self._client: HomeAssistantClient | None = None
         self._connection_tasks: set[asyncio.Task[None]] = set()
@@ -310,6 +312,9 @@ class HomeAssistantSource:
     # --- framing -----------------------------------------------------------------------------------
     def _on_events(self, batch: Events) -> None:
         """Called by the client's reader with the events of one frame: hand off, nothing else."""
+        batch = self._within_bound(batch)
+        if not batch:
+            return
         self._events.extend(batch)
         self._received.inc(len(batch))
         self._last_received = batch[-1].get("time_fired")
@@ -320,6 +325,52 @@ class HomeAssistantSource:
                     self._probe_saw(probe, event)
         self._queue_depth.set(len(self._events))
         self._events_ready.set()
+
+    # --- the bound on held events ---------------------------------------------------------------------
+    def _within_bound(self, batch: Events) -> Events:
+        """Hold at most ``ha_max_held_events`` (the buffer takes none while the spool's disk is
+        full): newer events are shed, and the time from the first of them on becomes a gap
+        for the back-fill, held in the checkpoint until filled."""
+        room = self._max_held - len(self._events)
+        if room >= len(batch):
+            if self._shed_from_ns is not None:
+                self._end_shedding()
+            return batch
+        kept, shed = batch[: max(0, room)], batch[max(0, room) :]
+        telemetry = self._telemetry
+        telemetry.dropped("ha_events_shed", len(shed), intentional=False)
+        if self._shed_from_ns is None:
+            try:
+                first_ns = parse_time_ns(str(shed[0].get("time_fired")))
+            except (ValueError, TypeError):
+                first_ns = int(telemetry.clock() * 1e9)
+            # Just before it: the back-fill takes a row at its very start for the state the
+            # gap began with, not for a change.
+            first_ns -= 1000
+            self._shed_from_ns = first_ns
+            self._hold_ns = first_ns if self._hold_ns is None else min(self._hold_ns, first_ns)
+        telemetry.warn_throttled(
+            "homeassistant-shed",
+            60,
+            "home assistant events not held, left to the back-fill",
+            held=len(self._events),
+            shed=len(shed),
+        )
+        return kept
+
+    def _end_shedding(self) -> None:
+        """Events fit again: back-fill from the first one shed to the next live state change
+        (with a back-fill of a reconnect still running, wait until it is done)."""
+        start = self._shed_from_ns
+        if start is None or self._probe is not None:
+            return
+        self._shed_from_ns = None
+        if self._client is None or not self._wants_states:
+            return  # the next connection back-fills from the hold
+        self._hold_ns = start if self._hold_ns is None else min(self._hold_ns, start)
+        probe = self._probe = LiveProbe()
+        self._spawn(self._fill_gap(self._hold_ns, probe), "homeassistant-backfill-shed")
+        self._telemetry.log.info("backfill of events not held", since=format_time_ns(start))
 
     @staticmethod
     def _probe_saw(probe: LiveProbe, event: dict[str, Any]) -> None:

@@ -6,7 +6,8 @@ Ready means all of:
   the URL and token are set) is ``connected``;
 - the sink (``influxdb``) has not ``failed`` (401/403: it needs the user, retrying cannot help);
 - the sink is ``connected``, or the durable spool is on and below :data:`SPOOL_FULL_FRACTION`
-  of its cap, so whatever arrives while InfluxDB is away is kept.
+  of its cap, so whatever arrives while InfluxDB is away is kept;
+- the spool can store new data (no storage fault: disk full, read-only, I/O errors, ...).
 
 :func:`not_ready` is a pure function of its inputs; :class:`Readiness` binds them for the
 HTTP server.
@@ -17,10 +18,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from ha_ingestor.config import Settings
-from ha_ingestor.pipeline.buffer import Buffer
+from ha_ingestor.pipeline.buffer import Buffer, StorageStatus
 from ha_ingestor.telemetry import Connection, ConnState, Telemetry
 
 SINK = "influxdb"
+SPOOL = "spool"
 
 #: Above this share of ``HA_INGESTOR_SPOOL_MAX_BYTES`` the spool is about to drop data: it no
 #: longer counts as safely spooling. (The spool evicts to stay under the cap, so it never
@@ -41,13 +43,19 @@ def enabled_sources(settings: Settings) -> list[str]:
 
 
 def not_ready(
-    settings: Settings, connections: dict[str, Connection], depth: tuple[int, int]
+    settings: Settings,
+    connections: dict[str, Connection],
+    depth: tuple[int, int],
+    storage: StorageStatus | None = None,
 ) -> dict[str, str]:
     """What is not ready, by component, as a human-readable reason; empty when ready.
 
-    ``connections`` is :attr:`Telemetry.connections`, ``depth`` is :meth:`Buffer.depth`.
+    ``connections`` is :attr:`Telemetry.connections`, ``depth`` is :meth:`Buffer.depth`,
+    ``storage`` is :meth:`Buffer.storage`.
     """
     problems: dict[str, str] = {}
+    if storage is not None and storage.faulted:
+        problems[SPOOL] = describe_storage(settings, storage, depth)
     for target in enabled_sources(settings):
         conn = connections.get(target)
         if conn is None:
@@ -68,6 +76,19 @@ def not_ready(
     return problems
 
 
+def describe_storage(settings: Settings, storage: StorageStatus, depth: tuple[int, int]) -> str:
+    """``disk_full since …: database or disk is full (/data/spool); new data is not accepted
+    …; free space on the spool's disk …``."""
+    since = ""
+    if storage.since is not None:
+        since = " since " + datetime.fromtimestamp(storage.since, UTC).isoformat(timespec="seconds")
+    text = f"{storage.state}{since}: {storage.error} ({settings.spool_dir})"
+    text += "; new data is not accepted (MQTT messages are not acknowledged)"
+    if depth[0]:
+        text += f"; {depth[0]} lines wait to be written to InfluxDB"
+    return f"{text}; {storage.advice}" if storage.advice else text
+
+
 def describe(conn: Connection) -> str:
     """``reconnecting since 2026-01-02T03:04:05+00:00: connection refused``."""
     since = datetime.fromtimestamp(conn.since, UTC).isoformat(timespec="seconds")
@@ -85,7 +106,10 @@ class Readiness:
 
     def problems(self) -> dict[str, str]:
         """What is not ready, by component; empty when ready."""
-        return not_ready(self.settings, self._telemetry.connections, self._buffer.depth())
+        buffer = self._buffer
+        return not_ready(
+            self.settings, self._telemetry.connections, buffer.depth(), buffer.storage()
+        )
 
     def is_ready(self) -> bool:
         return not self.problems()

@@ -182,7 +182,6 @@ class HttpServer:
         """What ``/status`` answers."""
         telemetry = self._telemetry
         metrics = telemetry.metrics
-        settings = self._readiness.settings
         lines, size = self._update_gauges()
         problems = self._readiness.problems()
         now = telemetry.clock()
@@ -194,12 +193,7 @@ class HttpServer:
             "ready": not problems,
             "not_ready": problems,
             "connections": {name: c.as_dict() for name, c in telemetry.connections.items()},
-            "buffer": {
-                "lines": lines,
-                "bytes": size,
-                "durable": settings.spool_enabled,
-                "max_bytes": settings.spool_max_bytes if settings.spool_enabled else None,
-            },
+            "buffer": self._buffer_status(lines, size),
             "queues": {  # in-memory queues besides the buffer itself
                 k: v for k, v in _by_label(metrics.queue_depth, "queue").items() if k != "buffer"
             },
@@ -217,6 +211,24 @@ class HttpServer:
                 {"time": e.time, "component": e.component, "error": e.error}
                 for e in list(telemetry.recent_errors)[-RECENT_ERRORS_SHOWN:]
             ],
+        }
+
+    def _buffer_status(self, lines: int, size: int) -> dict[str, Any]:
+        settings = self._readiness.settings
+        storage = self._buffer.storage()
+        return {
+            "lines": lines,
+            "bytes": size,
+            "durable": storage.durable,  # false while the spool cannot store (and without one)
+            "max_bytes": settings.spool_max_bytes if settings.spool_enabled else None,
+            "storage": {
+                "state": storage.state,
+                "error": storage.error,
+                "since": storage.since,
+                "advice": storage.advice,
+                "free_bytes": storage.free_bytes,
+                "min_free_bytes": settings.spool_min_free_bytes if settings.spool_enabled else None,
+            },
         }
 
     # --- handlers --------------------------------------------------------------------------------
