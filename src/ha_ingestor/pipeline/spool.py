@@ -103,6 +103,9 @@ class _Pending:
     first_at: float = 0.0
     future: asyncio.Future[None] | None = None
 
+#: Longest a waiting writer sleeps without looking at the groups again.
+_IDLE_LOOK = 1.0
+
 
 class CommitSchedule:
     """When the group commit runs, adapting to the rate lines arrive at.
@@ -531,9 +534,11 @@ class SqliteSpool:
                         return await self._take(max_lines)
                     await asyncio.sleep(_RETRY_MAX)
                     continue
-                timeout: float | None = max(0.0, oldest + max_wait - time.time())
+                timeout = max(0.0, oldest + max_wait - time.time())
             else:
-                timeout = None
+                # A look once a second even when nothing is waiting: a group handed back or
+                # rebuilt without a commit must not wait for the next commit to be seen.
+                timeout = _IDLE_LOOK
             self._committed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._committed.wait(), timeout)
@@ -609,6 +614,7 @@ class SqliteSpool:
             group = self._in_flight.pop(group_id, None)
             if group is not None:
                 self._groups.appendleft(group)
+        self._committed.set()  # another writer may be waiting for groups
 
     def depth(self) -> tuple[int, int]:
         pending = self._pending
