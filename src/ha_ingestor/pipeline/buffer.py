@@ -44,6 +44,15 @@ class StorageStatus:
 MEMORY_ONLY = StorageStatus(durable=False, state="memory")
 
 
+async def wait_event(event: asyncio.Event, seconds: float | None) -> None:
+    """Wait until ``event`` is set or ``seconds`` pass (None: no limit). Not ``asyncio.wait_for``: on
+    Python 3.11 it can swallow a cancellation that arrives as the event is set, and a loop
+    around it then never stops (a writer at shutdown did exactly that)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+
+
 class Buffer(Protocol):
     """What sources feed and the writer drains. Implementations: MemoryBuffer, SqliteSpool."""
 
@@ -180,8 +189,7 @@ class MemoryBuffer:
             else:
                 timeout = None
             self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+            await wait_event(self._changed, timeout)
 
     def _take(self, max_lines: int) -> Batch:
         ids: list[int] = []

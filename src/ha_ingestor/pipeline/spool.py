@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ha_ingestor.config import OverflowPolicy
-from ha_ingestor.pipeline.buffer import Batch, StorageStatus
+from ha_ingestor.pipeline.buffer import Batch, StorageStatus, wait_event
 from ha_ingestor.pipeline.spool_storage import (
     SpaceReserve,
     SpoolFileMissingError,
@@ -103,6 +103,7 @@ class _Pending:
     first_at: float = 0.0
     future: asyncio.Future[None] | None = None
 
+
 #: Longest a waiting writer sleeps without looking at the groups again.
 _IDLE_LOOK = 1.0
 
@@ -137,8 +138,7 @@ class CommitSchedule:
         if pending() >= self.eager_lines or remaining <= 0:
             return
         enough.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(enough.wait(), remaining)
+        await wait_event(enough, remaining)
 
 
 def _resolver(future: asyncio.Future[None]) -> Callable[[asyncio.Future[None]], None]:
@@ -540,8 +540,7 @@ class SqliteSpool:
                 # rebuilt without a commit must not wait for the next commit to be seen.
                 timeout = _IDLE_LOOK
             self._committed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._committed.wait(), timeout)
+            await wait_event(self._committed, timeout)
 
     async def _take(self, max_lines: int) -> Batch:
         taken: list[_Group] = []

@@ -158,7 +158,9 @@ class HomeAssistantClient:
         self._pending[message_id] = future
         try:
             await ws.send_str(orjson.dumps({"id": message_id, "type": command, **payload}).decode())
-            frame = await asyncio.wait_for(future, self._call_timeout)
+            # Not wait_for, which can swallow a cancellation on 3.11 (pipeline.buffer.wait_event).
+            async with asyncio.timeout(self._call_timeout):
+                frame = await future
         finally:
             self._pending.pop(message_id, None)
         if frame.get("type") == "pong":
@@ -204,7 +206,8 @@ class HomeAssistantClient:
         while True:
             await asyncio.sleep(self._ping_interval)
             try:
-                await asyncio.wait_for(self.call("ping"), self._ping_timeout)
+                async with asyncio.timeout(self._ping_timeout):
+                    await self.call("ping")
             except TimeoutError:
                 raise ConnectionError(
                     f"no pong within {self._ping_timeout:g} s: connection presumed dead"
