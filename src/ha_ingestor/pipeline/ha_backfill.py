@@ -171,13 +171,16 @@ class HistoryBackfill:
                 }
                 # Both bounds are exclusive in the recorder's query: an inner window ends 1 µs
                 # after its end so a row exactly on the boundary is read once. The gap itself
-                # ends before the first live change; without one it is open (up to now).
+                # ends before the first live change; without one it is open (up to now). The
+                # recorder compares raw floats: a row whose float lies just below the
+                # microsecond it is stored at passes its end bound, so _store drops it.
                 if not last_window:
                     payload["end_time"] = format_time_ns(window_end + 1000)
                 elif until_ns is not None:
                     payload["end_time"] = format_time_ns(until_ns)
                 history = await self._call(HISTORY, **payload)
-                count += await self._store(history or {}, window_start, durable)
+                before = until_ns if last_window else None
+                count += await self._store(history or {}, window_start, before, durable)
             window_start = window_end
         # Durable before the caller moves the checkpoint past the gap.
         await asyncio.gather(*durable)
@@ -195,13 +198,18 @@ class HistoryBackfill:
         self,
         history: Mapping[str, list[Mapping[str, Any]]],
         start_ns: int,
+        before_ns: int | None,
         durable: list[asyncio.Future[None]],
     ) -> int:
+        """Buffer the points of ``history`` after ``start_ns`` and before ``before_ns`` (the
+        first live change: that one and what follows are stored live)."""
         buffer = self._buffer
         count = 0
         last: asyncio.Future[None] | None = None
         for entity_id, rows in history.items():
             for point in history_points(self._mapper, entity_id, rows, start_ns):
+                if before_ns is not None and point.time_ns >= before_ns:
+                    continue
                 try:
                     line = encode_point(point)
                 except ValueError as exc:
