@@ -24,7 +24,8 @@ Measured, in the same run:
   replayed by a bare WebSocket client that only waits for each answer — Home Assistant's own
   time to produce them.
 
-``BENCH_PROFILE=/tmp/profile`` writes a cProfile file per import.
+``BENCH_PROFILE=/tmp/profile`` writes a cProfile file per import; ``BENCH_TRACEMALLOC=1`` prints
+each import's Python heap at its peak and the lines that held it (bench/peak_allocations.py).
 """
 
 from __future__ import annotations
@@ -205,7 +206,9 @@ def run_import(
         "HA_INGESTOR_LOG_FORMAT": "json",
     }
     command = [sys.executable, "-m", "ha_ingestor", "import", *args]
-    if os.environ.get("BENCH_PROFILE"):
+    if os.environ.get("BENCH_TRACEMALLOC"):
+        command = [sys.executable, "-m", "bench.peak_allocations", *command[3:]]
+    elif os.environ.get("BENCH_PROFILE"):
         profile = f"{os.environ['BENCH_PROFILE']}.{label}.prof"
         command = [sys.executable, "-m", "cProfile", "-o", profile, *command[1:]]
     began = time.monotonic()
@@ -235,6 +238,8 @@ def run_import(
     requests: list[tuple[str, dict[str, Any]]] = []
     ha_seconds = 0.0
     for line in stderr.splitlines():
+        if line.startswith("tracemalloc: "):
+            print(f"{label} {line}")
         if not line.startswith("{"):
             continue
         record = json.loads(line)
