@@ -24,7 +24,8 @@ Measured, in the same run:
   replayed by a bare WebSocket client that only waits for each answer — Home Assistant's own
   time to produce them.
 
-``BENCH_PROFILE=/tmp/profile`` writes a cProfile file per import.
+``BENCH_PROFILE=/tmp/profile`` writes a cProfile file per import; ``BENCH_TRACEMALLOC=1`` prints
+each import's Python heap at its peak and the lines that held it (bench/peak_allocations.py).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -49,6 +50,7 @@ from typing import Any
 import aiohttp
 import orjson
 from tests.support.homeassistant import HomeAssistant
+from tests.support.recorder_db import connect, insert_rows, insert_statistics, statistic_metadata_id
 from tests.support.servers import InfluxDB1
 
 DAY = 86_400.0
@@ -68,21 +70,6 @@ def servers() -> Iterator[tuple[Path, HomeAssistant, InfluxDB1]]:
         finally:
             ha.stop()
             influx.stop()
-
-
-def _columns(db: sqlite3.Connection, table: str) -> set[str]:
-    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-
-
-def _insert(db: sqlite3.Connection, table: str, rows: Sequence[dict[str, Any]]) -> None:
-    """Rows into ``table``, keeping only the columns this schema version has."""
-    have = _columns(db, table)
-    names = [n for n in rows[0] if n in have]
-    marks = ",".join("?" * len(names))
-    db.executemany(
-        f"INSERT INTO {table} ({','.join(names)}) VALUES ({marks})",
-        [tuple(r[n] for n in names) for r in rows],
-    )
 
 
 def seed_states(db: sqlite3.Connection, prefix: str, entities: int, per_entity: int) -> list[str]:
@@ -105,7 +92,7 @@ def seed_states(db: sqlite3.Connection, prefix: str, entities: int, per_entity: 
             (hash(attrs) & 0x7FFFFFFF, attrs),
         ).lastrowid
         offset = index * step / entities  # entities interleave in time
-        _insert(
+        insert_rows(
             db,
             "states",
             [
@@ -138,17 +125,14 @@ def seed_statistics(db: sqlite3.Connection, count: int, days: int) -> list[str]:
             "mean_type": 1,
             "unit_class": "power",
         }
-        _insert(db, "statistics_meta", [meta])
-        metadata_id = db.execute(
-            "SELECT id FROM statistics_meta WHERE statistic_id = ?", (statistic_id,)
-        ).fetchone()[0]
-        _insert(
+        insert_rows(db, "statistics_meta", [meta])
+        metadata_id = statistic_metadata_id(db, statistic_id)
+        insert_statistics(
             db,
             "statistics",
+            metadata_id,
             [
                 {
-                    "created_ts": start + h * 3600 + 3600,
-                    "metadata_id": metadata_id,
                     "start_ts": start + h * 3600,
                     "mean": 100.0 + (h + index) % 50,
                     "min": 50.0 + (h + index) % 40,
@@ -158,13 +142,12 @@ def seed_statistics(db: sqlite3.Connection, count: int, days: int) -> list[str]:
             ],
         )
         five = (time.time() // 300 - SHORT_TERM_DAYS * 288) * 300
-        _insert(
+        insert_statistics(
             db,
             "statistics_short_term",
+            metadata_id,
             [
                 {
-                    "created_ts": five + m * 300 + 300,
-                    "metadata_id": metadata_id,
                     "start_ts": five + m * 300,
                     "mean": 100.0 + (m + index) % 50,
                     "min": 50.0 + (m + index) % 40,
@@ -181,7 +164,7 @@ def seed_recorder_run(db: sqlite3.Connection, days: int) -> None:
     only if the recorder was running by its end (``recorder_runs``)."""
     start = datetime.now(UTC) - timedelta(days=days)
     text = start.strftime("%Y-%m-%d %H:%M:%S.%f")
-    _insert(
+    insert_rows(
         db,
         "recorder_runs",
         [{"start": text, "end": text, "closed_incorrect": 0, "created": text}],
@@ -223,7 +206,9 @@ def run_import(
         "HA_INGESTOR_LOG_FORMAT": "json",
     }
     command = [sys.executable, "-m", "ha_ingestor", "import", *args]
-    if os.environ.get("BENCH_PROFILE"):
+    if os.environ.get("BENCH_TRACEMALLOC"):
+        command = [sys.executable, "-m", "bench.peak_allocations", *command[3:]]
+    elif os.environ.get("BENCH_PROFILE"):
         profile = f"{os.environ['BENCH_PROFILE']}.{label}.prof"
         command = [sys.executable, "-m", "cProfile", "-o", profile, *command[1:]]
     began = time.monotonic()
@@ -253,6 +238,8 @@ def run_import(
     requests: list[tuple[str, dict[str, Any]]] = []
     ha_seconds = 0.0
     for line in stderr.splitlines():
+        if line.startswith("tracemalloc: "):
+            print(f"{label} {line}")
         if not line.startswith("{"):
             continue
         record = json.loads(line)
@@ -312,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with servers() as (workdir, ha, influx):
         ha.stop()
         began = time.monotonic()
-        with closing(sqlite3.connect(ha.db_path)) as db:
+        with connect(ha.db_path) as db:
             db.execute("BEGIN")
             seed_recorder_run(db, args.days + 2)
             seeded = [seed_states(db, f"bench{size}", args.entities, size) for size in sizes]

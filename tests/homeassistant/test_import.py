@@ -37,6 +37,7 @@ from tests.homeassistant.recorder import (
 )
 from tests.support.homeassistant import HomeAssistant
 from tests.support.ingestor import ingestor_process
+from tests.support.recorder_db import connect, insert_statistics, statistic_metadata_id
 from tests.support.servers import InfluxDB1, free_port
 from tests.support.waiting import wait_for
 
@@ -44,6 +45,7 @@ pytestmark = [pytest.mark.homeassistant, pytest.mark.timeout(300)]
 
 _ids = itertools.count()
 HOURS = 48
+SHORT_TERM = 24  # 5-minute rows per statistic
 
 
 def _iso(moment: datetime) -> str:
@@ -113,7 +115,46 @@ async def _seed_statistics(ha: HomeAssistant, tag: str) -> list[str]:
         interval=0.2,
         message="imported statistics in the recorder",
     )
+    await asyncio.to_thread(_seed_short_term, ha, meter, outdoor, first)
     return ids
+
+
+def _seed_short_term(ha: HomeAssistant, meter: str, outdoor: str, first: datetime) -> None:
+    """5-minute rows of both statistics, a day back. Home Assistant has no API that writes
+    them (``import_statistics`` writes hourly rows only), so they go straight into its
+    database; it compiles neither statistic itself (no entity has a ``state_class``), so
+    nothing else writes theirs."""
+    start = (first + timedelta(hours=HOURS // 2)).timestamp()
+    starts = [start + m * 300 for m in range(SHORT_TERM)]
+    with connect(ha.db_path) as db, db:
+        insert_statistics(
+            db,
+            "statistics_short_term",
+            statistic_metadata_id(db, meter),
+            [{"start_ts": t, "state": m * 0.1, "sum": 100 + m * 0.2} for m, t in enumerate(starts)],
+        )
+        insert_statistics(
+            db,
+            "statistics_short_term",
+            statistic_metadata_id(db, outdoor),
+            [
+                {"start_ts": t, "mean": 12 + m / 8, "min": 11 + m / 9, "max": 13.25 + m}
+                for m, t in enumerate(starts)
+            ],
+        )
+
+
+def _assert_statistics_match(
+    ha: HomeAssistant, influxdb: InfluxDB1, database: str, statistic_ids: list[str]
+) -> None:
+    """Both periods: every row of the recorder's table stored once, with equal values."""
+    for period, table, rows in (
+        ("hour", "statistics", HOURS),
+        ("5minute", "statistics_short_term", SHORT_TERM),
+    ):
+        recorded = recorded_statistics(ha, statistic_ids, table)
+        assert len(recorded) == len(statistic_ids) * rows, table
+        assert stored_statistics(influxdb, database, statistic_ids, period) == recorded, period
 
 
 def _all_state_rows(influxdb: InfluxDB1, database: str, prefix: str) -> list[dict[str, Any]]:
@@ -166,7 +207,7 @@ async def test_import_equals_the_recorder_and_a_rerun_changes_nothing(
     first = await asyncio.to_thread(run_import, env, *args)
     assert first.returncode == 0, first.stderr
     assert f"imported {seeded + 2} states of 3 entities" in first.stdout
-    assert f"{2 * HOURS} statistics rows of 2 statistics" in first.stdout
+    assert f"{2 * (HOURS + SHORT_TERM)} statistics rows of 2 statistics" in first.stdout
 
     _assert_states_match(ha, influxdb, influx_db, tag)
     stored = {
@@ -178,31 +219,31 @@ async def test_import_equals_the_recorder_and_a_rerun_changes_nothing(
             assert row.get(name) == value, (name, point)
         for name in ("state", "value", "previous_state", "last_changed", "removed"):
             assert row.get(name) == point.fields.get(name), (name, point)
-    assert recorded_statistics(ha, statistic_ids) == stored_statistics(
-        influxdb, influx_db, statistic_ids, "hour"
-    )
-    assert recorded_statistics(ha, statistic_ids, "statistics_short_term") == (
-        stored_statistics(influxdb, influx_db, statistic_ids, "5minute")
-    )
+    _assert_statistics_match(ha, influxdb, influx_db, statistic_ids)
     meter = stored_statistics(influxdb, influx_db, statistic_ids[:1], "hour")
     assert {tuple(sorted(v)) for v in meter.values()} == {("state", "sum")}
     tags = influxdb.rows(
         f"SELECT last(mean) FROM ha_statistics WHERE statistic_id = '{tag}:outdoor' GROUP BY *",
         influx_db,
     )
-    assert tags[0]["source"] == tag
-    assert tags[0]["unit"] == "°C"
-    assert tags[0]["period"] == "hour"
-    assert tags[0]["instance"] == "Test Home"
+    assert sorted(row["period"] for row in tags) == ["5minute", "hour"]
+    for row in tags:
+        assert (row["source"], row["unit"], row["instance"]) == (tag, "°C", "Test Home")
 
     before_states = _all_state_rows(influxdb, influx_db, tag)
-    before_statistics = stored_statistics(influxdb, influx_db, statistic_ids, "hour")
+    before_statistics = {
+        period: stored_statistics(influxdb, influx_db, statistic_ids, period)
+        for period in ("hour", "5minute")
+    }
     second = await asyncio.to_thread(run_import, env, *args)
     assert second.returncode == 0, second.stderr
     assert "resumed" not in second.stdout  # a finished import is imported again, whole
     assert f"imported {seeded + 2} states" in second.stdout
     assert _all_state_rows(influxdb, influx_db, tag) == before_states
-    assert stored_statistics(influxdb, influx_db, statistic_ids, "hour") == before_statistics
+    assert {
+        period: stored_statistics(influxdb, influx_db, statistic_ids, period)
+        for period in before_statistics
+    } == before_statistics
 
 
 async def test_dry_run_counts_per_entity_and_writes_nothing(
@@ -260,9 +301,7 @@ async def test_killed_import_resumes_and_completes_without_duplicates(
     assert "resumed: states, statistics.hour" in rerun.stdout
     assert read_checkpoint(spool / IMPORT_SPOOL, ACTIVE_KEY) == ""
     _assert_states_match(ha, influxdb, influx_db, tag)
-    assert recorded_statistics(ha, statistic_ids) == stored_statistics(
-        influxdb, influx_db, statistic_ids, "hour"
-    )
+    _assert_statistics_match(ha, influxdb, influx_db, statistic_ids)
 
 
 async def test_import_beside_a_live_service_stores_every_state_once(
