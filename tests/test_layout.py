@@ -55,7 +55,13 @@ def describes_exceptions(node: ast.AST) -> bool:
     if not isinstance(node, ast.FunctionDef) or not node.args.args:
         return False
     annotation = node.args.args[0].annotation
-    return isinstance(annotation, ast.Name) and annotation.id == "BaseException"
+    returns = node.returns
+    return (
+        isinstance(annotation, ast.Name)
+        and annotation.id == "BaseException"
+        and isinstance(returns, ast.Name)
+        and returns.id == "str"
+    )
 
 
 @pytest.mark.timeout(30)

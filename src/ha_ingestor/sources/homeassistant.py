@@ -10,7 +10,9 @@ So that Home Assistant never sees a slow consumer, the client's reader only deco
 hands its events to :meth:`HomeAssistantSource._on_events`, which appends them to an unbounded
 deque (its depth is ``ha_ingestor_queue_depth{queue="homeassistant"}``); the *processor* task
 maps events to points, encodes and buffers them, and waits when the buffer is full — only it
-feels back-pressure.
+feels back-pressure. At a trickle the processor wakes at most every ``_PROCESS_COALESCING``
+seconds for all the events read meanwhile, not once per frame (the spool's group commit waits
+longer than that anyway); a backlog of ``_PROCESS_AT_ONCE`` events wakes it at once.
 
 Errors:
 - transport errors (refused, closed, no pong, malformed frame) → ``RECONNECTING``, capped
@@ -78,6 +80,8 @@ _CALL_TIMEOUT = 60.0  # a command's answer (get_states and history can be large 
 _STABLE_AFTER = 30.0  # a connection up this long resets the backoff
 _REGISTRY_DEBOUNCE = 0.5  # registry events come in bursts: re-fetch once per burst
 _MAX_KNOWN_ENTITIES = 100_000
+_PROCESS_COALESCING = 0.1  # at a trickle: the processor wakes at most this often (seconds)
+_PROCESS_AT_ONCE = 256  # ... unless this many events wait; also the events between yields
 
 
 class NotAllowedError(Exception):
@@ -150,6 +154,7 @@ class HomeAssistantSource:
         # reader → processor
         self._events: deque[dict[str, Any]] = deque()
         self._events_ready = asyncio.Event()
+        self._wake_timer: asyncio.TimerHandle | None = None  # a coalesced wake-up due
         self._last_received: str | None = None  # time_fired of the newest event read
         self._probe: LiveProbe | None = None  # while a gap waits for its back-fill
         self._max_held = settings.ha_max_held_events
@@ -215,6 +220,9 @@ class HomeAssistantSource:
 
     def _drain(self) -> None:
         """At shutdown: buffer every event already read (the caller flushes the buffer)."""
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()
+            self._wake_timer = None
         while self._events:
             self._handle(self._events.popleft())
         self._queue_depth.set(0)
@@ -315,7 +323,8 @@ class HomeAssistantSource:
         batch = self._within_bound(batch)
         if not batch:
             return
-        self._events.extend(batch)
+        events = self._events
+        events.extend(batch)
         self._received.inc(len(batch))
         self._last_received = batch[-1].get("time_fired")
         probe = self._probe
@@ -323,7 +332,15 @@ class HomeAssistantSource:
             for event in batch:
                 if event.get("event_type") == "state_changed":
                     self._probe_saw(probe, event)
-        self._queue_depth.set(len(self._events))
+        if len(events) >= _PROCESS_AT_ONCE:
+            self._events_ready.set()
+        elif self._wake_timer is None:
+            self._wake_timer = asyncio.get_running_loop().call_later(
+                _PROCESS_COALESCING, self._wake_processor
+            )
+
+    def _wake_processor(self) -> None:
+        self._wake_timer = None
         self._events_ready.set()
 
     # --- the bound on held events ---------------------------------------------------------------------
@@ -397,17 +414,21 @@ class HomeAssistantSource:
         events = self._events
         ready = self._events_ready
         buffer = self._buffer
+        depth = self._queue_depth
+        handled = 0
         while True:
             if not events:
-                self._queue_depth.set(0)
+                depth.set(0)
                 ready.clear()
                 await ready.wait()
+                depth.set(len(events))
                 continue
             if buffer.full():
                 await buffer.wait_for_room()  # before taking an event: none is in flight
             self._handle(events.popleft())
-            if len(events) % 256 == 0:
-                self._queue_depth.set(len(events))
+            handled += 1
+            if handled % _PROCESS_AT_ONCE == 0 and events:
+                depth.set(len(events))
                 await asyncio.sleep(0)  # let the reader run during a long backlog
 
     def _handle(self, event: dict[str, Any]) -> None:
