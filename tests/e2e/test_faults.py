@@ -287,11 +287,24 @@ async def test_sigkill_under_a_qos1_stream_then_restart_recovers_every_message(
         await ingestor.wait_ready()
         publisher = asyncio.create_task(asyncio.to_thread(stream))
         await wait_for(lambda: publisher.done() or ingestor.mqtt_received() >= 10_000, timeout=30)
+        received = ingestor.mqtt_received()
         await ingestor.stop(signal.SIGKILL, 10)  # mid-stream, no goodbye
         await publisher  # the broker keeps queueing for the persistent session
         ingestor.start()
-        numbers = await wait_for_numbers(influxdb, influx_db, total, timeout=120)
-    assert numbers == list(range(total)), log.read_text()[-2000:]
+        await wait_for(
+            lambda: len(set(stored_numbers(influxdb, influx_db))) >= total,
+            timeout=120,
+            interval=0.5,
+            message="every message stored",
+        )
+        await asyncio.sleep(1.0)  # anything more would be a duplicate: let it show
+        numbers = stored_numbers(influxdb, influx_db)
+    assert set(numbers) == set(range(total)), log.read_text()[-2000:]  # nothing lost
+    # At-least-once across a kill -9: a message committed but not yet acknowledged when the
+    # process died is sent again by the broker and stored a second time; nothing else is.
+    twice = Counter(numbers)
+    assert max(twice.values()) <= 2
+    assert all(n < received + 1000 for n, times in twice.items() if times > 1)
 
 
 async def test_sigterm_exits_zero_within_the_deadline_with_nothing_left_in_memory(
