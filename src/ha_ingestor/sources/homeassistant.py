@@ -560,8 +560,11 @@ class HomeAssistantSource:
 
     def _release_hold(self, start_ns: int) -> None:
         if self._hold_ns == start_ns:
-            self._hold_ns = None
+            # Events shed meanwhile still wait for their back-fill: the hold moves to them.
+            self._hold_ns = self._shed_from_ns
         self._probe = None
+        if self._shed_from_ns is not None and len(self._events) < self._max_held:
+            self._end_shedding()  # they could not start while this back-fill ran
 
 
 def _client(
