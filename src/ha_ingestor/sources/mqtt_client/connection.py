@@ -34,16 +34,12 @@ from ha_ingestor.sources.mqtt_client.codec import (
     PubRel,
     SubAck,
 )
+from ha_ingestor.sources.read_gate import BACK_PRESSURE, ReadGate
 
 _ACK = struct.Struct("!BBH")
 _ACK_KIND = {1: codec.PUBACK << 4, 2: codec.PUBREC << 4}
-# Reasons reading is paused, as bits: the caller's back-pressure, and read coalescing.
-_BACK_PRESSURE = 1
-_COALESCING = 2
-#: Fewer bytes than this per coalescing interval is a trickle (see read_coalescing).
-_TRICKLE_BYTES = 32 * 1024
-#: ... unless this many messages wait for acknowledgement: a broker that limits the messages
-#: in flight (Mosquitto: 20 by default) sends more only after acknowledgements.
+#: Reads are not coalesced while this many messages wait for acknowledgement: a broker that
+#: limits the messages in flight (Mosquitto: 20 by default) sends more only after them.
 _COALESCE_BELOW_UNACKED = 16
 
 
@@ -91,7 +87,7 @@ class _Protocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self._connection._transport = transport
+        self._connection._transport = self._connection._gate.transport = transport
 
     def data_received(self, data: bytes) -> None:
         self._connection._received(data)
@@ -131,11 +127,8 @@ class MqttConnection:
         self._keepalive = options.keepalive
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._last_in = self._last_out = time.monotonic()
-        self._paused = 0  # _BACK_PRESSURE | _COALESCING
+        self._gate = ReadGate(loop, options.read_coalescing)
         self._unacked = 0  # QoS 1/2 messages received and not acknowledged
-        self._continuous = False  # a burst: read without coalescing
-        self._window_start = 0.0
-        self._window_bytes = 0
         self._closing = False  # close() or abort() of ours
         self.session_present = False
 
@@ -251,23 +244,10 @@ class MqttConnection:
 
     def pause_reading(self) -> None:
         """Stop reading the socket (back-pressure): the broker holds what it has not sent."""
-        self._pause(_BACK_PRESSURE)
+        self._gate.pause(BACK_PRESSURE)
 
     def resume_reading(self) -> None:
-        self._resume(_BACK_PRESSURE)
-
-    def _pause(self, reason: int) -> None:
-        transport = self._transport
-        if transport is not None and not self._paused and not transport.is_closing():
-            transport.pause_reading()
-        self._paused |= reason
-
-    def _resume(self, reason: int) -> None:
-        was_paused = self._paused
-        self._paused &= ~reason
-        transport = self._transport
-        if was_paused and not self._paused and transport and not transport.is_closing():
-            transport.resume_reading()
+        self._gate.resume(BACK_PRESSURE)
 
     # --- internals -------------------------------------------------------------------------------
     def _packet_id(self) -> int:
@@ -290,30 +270,9 @@ class MqttConnection:
         except Exception as exc:  # a failing callback must not leave the stream half-read
             self._fail(ConnectionLostError(f"message handler failed: {type(exc).__name__}: {exc}"))
             return
-        if self.options.read_coalescing:
-            self._coalesce(len(data))
-
-    def _coalesce(self, size: int) -> None:
-        """At a trickle, pause reading for ``read_coalescing`` after each read. A read after
-        such a pause holds all that came meanwhile: when that is a lot, the stream is a burst
-        and is read continuously until an interval brings little again."""
-        interval = self.options.read_coalescing
-        now = self._last_in
-        if self._continuous:
-            self._window_bytes += size
-            if now - self._window_start < interval:
-                return
-            if self._window_bytes >= _TRICKLE_BYTES:
-                self._window_start, self._window_bytes = now, 0
-                return
-            self._continuous = False
-        elif size >= _TRICKLE_BYTES:
-            self._continuous = True
-            self._window_start, self._window_bytes = now, 0
-            return
-        if self._unacked < _COALESCE_BELOW_UNACKED and not self._paused:
-            self._pause(_COALESCING)
-            self._loop.call_later(interval, self._resume, _COALESCING)
+        self._gate.after_read(
+            len(data), self._last_in, may_pause=self._unacked < _COALESCE_BELOW_UNACKED
+        )
 
     def _publish(
         self, topic: str, payload: bytes, qos: int, retain: bool, dup: bool, packet_id: int
@@ -361,6 +320,7 @@ class MqttConnection:
         self._finish(self._error)
 
     def _finish(self, error: MqttError | None) -> None:
+        self._gate.close()
         if self._keepalive_timer is not None:
             self._keepalive_timer.cancel()
             self._keepalive_timer = None
@@ -380,7 +340,7 @@ class MqttConnection:
 
     def _keepalive_tick(self) -> None:
         now = time.monotonic()
-        if not self._paused & _BACK_PRESSURE and now - self._last_in > self._keepalive * 1.5:
+        if not self._gate.paused & BACK_PRESSURE and now - self._last_in > self._keepalive * 1.5:
             self._fail(ConnectionLostError("no answer from the broker within the keep-alive"))
             return
         if now - self._last_out >= self._keepalive / 2:
