@@ -90,17 +90,14 @@ class Service:
         )
         async with (
             aiohttp.ClientSession(connector=connector) as influx_session,
-            aiohttp.ClientSession() as ha_session,
             open_buffer(settings, telemetry) as (buffer, checkpoints),
         ):
             client = InfluxClient(settings, influx_session)
             writer = InfluxWriter(settings, client, buffer, telemetry)
             readiness = Readiness(settings, telemetry, buffer)
             columns = ColumnBudgets(checkpoints, telemetry)
-            instance = await self._instance(settings, checkpoints, ha_session)
-            sources = self.sources = self._sources(
-                settings, buffer, columns, checkpoints, ha_session, instance
-            )
+            instance = await self._instance(settings, checkpoints)
+            sources = self.sources = self._sources(settings, buffer, columns, checkpoints, instance)
             async with HttpServer(
                 settings.http_host, settings.http_port, telemetry, buffer, readiness
             ) as http:
@@ -124,14 +121,12 @@ class Service:
                 for task in crashed:
                     task.result()  # a component that ended on its own is a bug: surface it
 
-    async def _instance(
-        self, settings: Settings, checkpoints: Checkpoints, ha_session: aiohttp.ClientSession
-    ) -> str:
+    async def _instance(self, settings: Settings, checkpoints: Checkpoints) -> str:
         if not settings.ha_enabled:
             return default_instance(settings)
         from ha_ingestor.sources.homeassistant import decide_instance
 
-        return await decide_instance(settings, checkpoints, ha_session)
+        return await decide_instance(settings, checkpoints)
 
     def _sources(
         self,
@@ -139,7 +134,6 @@ class Service:
         buffer: Buffer,
         columns: ColumnBudgets,
         checkpoints: Checkpoints,
-        ha_session: aiohttp.ClientSession,
         instance: str,
     ) -> dict[str, Any]:
         sources: dict[str, Any] = {}
@@ -152,7 +146,6 @@ class Service:
                 settings,
                 buffer,
                 self.telemetry,
-                ha_session,
                 checkpoints,
                 instance,
                 columns=columns.budget(

@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 from typing import TextIO
 
 import aiohttp
-import orjson
 
 from ha_ingestor.config import Settings
 from ha_ingestor.errors import CheckError
@@ -59,39 +58,40 @@ async def check_mqtt(settings: Settings) -> str:
 
 
 async def check_homeassistant(settings: Settings) -> str:
+    from ha_ingestor.sources.ha_client import (
+        AuthInvalidError,
+        CommandError,
+        HomeAssistantClient,
+        NotHomeAssistantError,
+    )
+
     assert settings.ha_url is not None
     assert settings.ha_token is not None
-    url = settings.ha_url.replace("http", "ws", 1) + "/api/websocket"
-    async with (
-        aiohttp.ClientSession() as session,
-        session.ws_connect(
-            url,
-            max_msg_size=0,
-            ssl=ha_tls_context(settings),
-            timeout=aiohttp.ClientWSTimeout(ws_close=TIMEOUT),
-        ) as ws,
-    ):
-        hello = await ws.receive_json(timeout=TIMEOUT)
-        if hello.get("type") != "auth_required":
-            raise CheckError(f"{settings.ha_url}: not a Home Assistant WebSocket API")
-        await ws.send_json({"type": "auth", "access_token": settings.ha_token.get_secret_value()})
-        answer = await ws.receive_json(timeout=TIMEOUT)
-        if answer.get("type") != "auth_ok":
-            raise CheckError(
-                f"{settings.ha_url}: token rejected (auth_invalid) — create a new long-lived "
-                "token in your Home Assistant profile and set HA_INGESTOR_HA_TOKEN"
-            )
-        await ws.send_json({"id": 1, "type": "get_config"})
-        config = orjson.loads((await ws.receive()).data)
-        location = (config.get("result") or {}).get("location_name", "?")
-        await ws.send_json({"id": 2, "type": "subscribe_events"})
-        subscribed = orjson.loads((await ws.receive()).data)
-        if not subscribed.get("success"):
-            raise CheckError(
-                f"{settings.ha_url}: authenticated, but the token may not subscribe to all "
-                "events — use a token of an administrator user"
-            )
-        return f"authenticated to {location!r} (Home Assistant {hello.get('ha_version', '?')})"
+    client = HomeAssistantClient(
+        settings.ha_url,
+        settings.ha_token.get_secret_value(),
+        ssl_context=ha_tls_context(settings),
+        call_timeout=TIMEOUT,
+    )
+    try:
+        async with client:
+            config = await client.call("get_config")
+            location = (config or {}).get("location_name", "?")
+            try:
+                await client.call("subscribe_events")
+            except CommandError:
+                raise CheckError(
+                    f"{settings.ha_url}: authenticated, but the token may not subscribe to all "
+                    "events — use a token of an administrator user"
+                ) from None
+    except AuthInvalidError:
+        raise CheckError(
+            f"{settings.ha_url}: token rejected (auth_invalid) — create a new long-lived "
+            "token in your Home Assistant profile and set HA_INGESTOR_HA_TOKEN"
+        ) from None
+    except NotHomeAssistantError:
+        raise CheckError(f"{settings.ha_url}: not a Home Assistant WebSocket API") from None
+    return f"authenticated to {location!r} (Home Assistant {client.ha_version or '?'})"
 
 
 async def check_influxdb(settings: Settings) -> str:

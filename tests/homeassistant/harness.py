@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import aiohttp
 from prometheus_client import CollectorRegistry
 
 from ha_ingestor.config import load_settings
@@ -184,17 +183,16 @@ async def running_source(
     telemetry = Telemetry(registry)
     buffer = RecordingBuffer()
     checkpoints = checkpoints if checkpoints is not None else MemoryCheckpoints()
-    async with aiohttp.ClientSession() as session:
-        loaded = load_settings(env)
-        instance = await decide_instance(loaded, checkpoints, session)  # as the service does
-        source = HomeAssistantSource(loaded, buffer, telemetry, session, checkpoints, instance)
-        task = asyncio.create_task(source.run(), name="test-homeassistant-source")
-        try:
-            yield SourceRun(source, buffer, telemetry, registry, checkpoints, task)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    loaded = load_settings(env)
+    instance = await decide_instance(loaded, checkpoints)  # as the service does
+    source = HomeAssistantSource(loaded, buffer, telemetry, checkpoints, instance)
+    task = asyncio.create_task(source.run(), name="test-homeassistant-source")
+    try:
+        yield SourceRun(source, buffer, telemetry, registry, checkpoints, task)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def burst_of_state_changes(ha: HomeAssistant, prefix: str, clients: int, per_client: int) -> float:

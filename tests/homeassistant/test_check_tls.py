@@ -4,10 +4,10 @@ self-signed certificate is refused by default, and reached with ``*_CA_FILE`` (v
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from ha_ingestor.checks import check_homeassistant, check_influxdb
@@ -62,7 +62,7 @@ async def test_check_refuses_an_unknown_certificate_and_honours_ca_file_and_inse
     with pytest.raises(CheckError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
         await check_influxdb(plain)
     with pytest.raises(
-        aiohttp.ClientConnectorCertificateError,
+        ssl.SSLCertVerificationError,
         match=r"CERTIFICATE_VERIFY_FAILED|certificate verify failed",
     ):
         await check_homeassistant(plain)

@@ -11,7 +11,6 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -56,11 +55,8 @@ async def source_on_a_small_disk(
     }
     registry = CollectorRegistry()
     telemetry = Telemetry(registry)
-    async with (
-        SqliteSpool(disk / "spool", telemetry) as spool,
-        aiohttp.ClientSession() as session,
-    ):
-        source = HomeAssistantSource(load_settings(env), spool, telemetry, session, spool)
+    async with SqliteSpool(disk / "spool", telemetry) as spool:
+        source = HomeAssistantSource(load_settings(env), spool, telemetry, spool)
         task = asyncio.create_task(source.run())
         try:
             yield source, spool, telemetry, registry

@@ -8,14 +8,11 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
-import pytest
 from prometheus_client import CollectorRegistry
 
 from ha_ingestor.config import load_settings
 from ha_ingestor.pipeline.buffer import MemoryCheckpoints
 from ha_ingestor.pipeline.ha_events import EntityInfo, format_time_ns, parse_time_ns
-from ha_ingestor.sources import homeassistant
 from ha_ingestor.sources.ha_client import CommandError
 from ha_ingestor.sources.ha_registry import Registries
 from ha_ingestor.sources.homeassistant import CHECKPOINT_KEY, HomeAssistantSource
@@ -55,15 +52,13 @@ async def offline_source(
         "HA_INGESTOR_HA_TOKEN": "unused",
     } | {f"HA_INGESTOR_{k.upper()}": v for k, v in settings.items()}
     registry = CollectorRegistry()
-    async with aiohttp.ClientSession() as session:
-        source = HomeAssistantSource(
-            load_settings(env),
-            buffer,
-            Telemetry(registry),
-            session,
-            checkpoints if checkpoints is not None else MemoryCheckpoints(),
-        )
-        yield source, registry
+    source = HomeAssistantSource(
+        load_settings(env),
+        buffer,
+        Telemetry(registry),
+        checkpoints if checkpoints is not None else MemoryCheckpoints(),
+    )
+    yield source, registry
 
 
 async def test_events_already_read_are_buffered_when_the_source_stops() -> None:
@@ -204,29 +199,3 @@ async def test_registries_give_floors_labels_child_device_areas_and_mqtt_entity_
     await registries.load(call, "entity")
     assert registries.mqtt_entity_id("sensor", "child-power-1") == "sensor.renamed"
     assert changes == [1, 1]
-
-
-async def test_the_processor_wakes_once_for_a_trickle_and_at_once_for_a_backlog(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(homeassistant, "_PROCESS_COALESCING", 30.0)  # never, within this test
-    buffer = RecordingBuffer()
-    async with offline_source(buffer) as (source, registry):
-        task = asyncio.create_task(source.run())
-        for _ in range(10):  # the processor starts and waits for events
-            await asyncio.sleep(0)
-        for i in range(3):  # three frames of one event each
-            source._on_events([state_changed(f"sensor.t{i}", str(i))])
-            for _ in range(10):
-                await asyncio.sleep(0)
-        assert buffer.lines == [], "a trickle waits for the coalesced wake-up"
-        backlog = homeassistant._PROCESS_AT_ONCE - 3
-        source._on_events([state_changed(f"sensor.b{i}", str(i)) for i in range(backlog)])
-        await wait_for(lambda: len(buffer.lines) == homeassistant._PROCESS_AT_ONCE)
-        received = registry.get_sample_value(
-            "ha_ingestor_events_received_total", {"source": "homeassistant"}
-        )
-        assert received == homeassistant._PROCESS_AT_ONCE
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

@@ -120,7 +120,7 @@ async def _connect(client: HomeAssistantClient, settings: Settings) -> None:
             f"Home Assistant rejected HA_INGESTOR_HA_TOKEN (auth_invalid: {exc}). Create a new "
             "long-lived access token (profile page → Security)."
         ) from None
-    except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+    except (OSError, TimeoutError, ValueError) as exc:
         raise ImportAbortedError(
             f"cannot reach Home Assistant at HA_INGESTOR_HA_URL={settings.ha_url}: {describe(exc)}"
         ) from None
@@ -198,7 +198,6 @@ async def run_import(
     progress = progress or progress_for()
     try:
         async with (
-            aiohttp.ClientSession() as ha_session,
             aiohttp.ClientSession() as influx_session,
             _buffer(settings, telemetry, options.dry_run) as (buffer, checkpoints),
         ):
@@ -206,7 +205,6 @@ async def run_import(
                 summary, sink = await _connected_import(
                     settings,
                     options,
-                    ha_session,
                     buffer,
                     None,
                     telemetry,
@@ -234,7 +232,6 @@ async def run_import(
                 summary, _ = await _connected_import(
                     settings,
                     options,
-                    ha_session,
                     buffer,
                     checkpoints,
                     telemetry,
@@ -274,7 +271,6 @@ async def run_import(
 async def _connected_import(
     settings: Settings,
     options: ImportOptions,
-    session: aiohttp.ClientSession,
     buffer: Buffer,
     checkpoints: Checkpoints | None,
     telemetry: Telemetry,
@@ -287,7 +283,6 @@ async def _connected_import(
     client = HomeAssistantClient(
         settings.ha_url,
         settings.ha_token.get_secret_value(),
-        session,
         ssl_context=ha_tls_context(settings),
         call_timeout=_CALL_TIMEOUT,
     )

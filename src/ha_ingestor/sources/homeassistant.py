@@ -6,13 +6,13 @@ around it. Per connection: read the entity, device, area, floor and label
 registries, subscribe to events, then back-fill the gap since the last stored event from the
 recorder's history (:mod:`ha_ingestor.pipeline.ha_backfill`).
 
-So that Home Assistant never sees a slow consumer, the client's reader only decodes a frame and
-hands its events to :meth:`HomeAssistantSource._on_events`, which appends them to an unbounded
-deque (its depth is ``ha_ingestor_queue_depth{queue="homeassistant"}``); the *processor* task
-maps events to points, encodes and buffers them, and waits when the buffer is full — only it
-feels back-pressure. At a trickle the processor wakes at most every ``_PROCESS_COALESCING``
-seconds for all the events read meanwhile, not once per frame (the spool's group commit waits
-longer than that anyway); a backlog of ``_PROCESS_AT_ONCE`` events wakes it at once.
+So that Home Assistant never sees a slow consumer, the client only decodes a message and hands
+its events to :meth:`HomeAssistantSource._on_events`, which appends them to an unbounded deque
+(its depth is ``ha_ingestor_queue_depth{queue="homeassistant"}``); the *processor* task maps
+events to points, encodes and buffers them, and waits when the buffer is full — only it feels
+back-pressure. At a trickle the client reads the socket at most every ``_READ_COALESCING``
+seconds (the spool's group commit waits longer than that anyway), so the events of that time
+cost one wake-up, not one each.
 
 Errors:
 - transport errors (refused, closed, no pong, malformed frame) → ``RECONNECTING``, capped
@@ -43,8 +43,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
-
-import aiohttp
 
 from ha_ingestor.backoff import Backoff
 from ha_ingestor.config import Settings
@@ -80,8 +78,8 @@ _CALL_TIMEOUT = 60.0  # a command's answer (get_states and history can be large 
 _STABLE_AFTER = 30.0  # a connection up this long resets the backoff
 _REGISTRY_DEBOUNCE = 0.5  # registry events come in bursts: re-fetch once per burst
 _MAX_KNOWN_ENTITIES = 100_000
-_PROCESS_COALESCING = 0.1  # at a trickle: the processor wakes at most this often (seconds)
-_PROCESS_AT_ONCE = 256  # ... unless this many events wait; also the events between yields
+_READ_COALESCING = 0.1  # at a trickle: the socket is read at most this often (seconds)
+_PROCESS_AT_ONCE = 256  # in a backlog: the events handled between yields to the loop
 
 
 class NotAllowedError(Exception):
@@ -118,7 +116,6 @@ class HomeAssistantSource:
         settings: Settings,
         buffer: Buffer,
         telemetry: Telemetry,
-        session: aiohttp.ClientSession,
         checkpoints: Checkpoints,
         instance: str | None = None,
         columns: ColumnBudget | None = None,
@@ -128,7 +125,6 @@ class HomeAssistantSource:
         self._settings = settings
         self._buffer = buffer
         self._telemetry = telemetry
-        self._session = session
         self._checkpoints = checkpoints
         self._registries = Registries()
         self._mapper = event_mapper(
@@ -154,7 +150,6 @@ class HomeAssistantSource:
         # reader → processor
         self._events: deque[dict[str, Any]] = deque()
         self._events_ready = asyncio.Event()
-        self._wake_timer: asyncio.TimerHandle | None = None  # a coalesced wake-up due
         self._last_received: str | None = None  # time_fired of the newest event read
         self._probe: LiveProbe | None = None  # while a gap waits for its back-fill
         self._max_held = settings.ha_max_held_events
@@ -204,8 +199,7 @@ class HomeAssistantSource:
                         telemetry.set_state(TARGET, ConnState.FAILED, error=str(exc))
                         await asyncio.Event().wait()  # stay up, not ready, until stopped
                     except (
-                        aiohttp.ClientError,
-                        OSError,
+                        OSError,  # refused, TLS, closed, a WebSocket protocol error
                         TimeoutError,
                         ValueError,  # a malformed frame
                         CommandError,
@@ -220,9 +214,6 @@ class HomeAssistantSource:
 
     def _drain(self) -> None:
         """At shutdown: buffer every event already read (the caller flushes the buffer)."""
-        if self._wake_timer is not None:
-            self._wake_timer.cancel()
-            self._wake_timer = None
         while self._events:
             self._handle(self._events.popleft())
         self._queue_depth.set(0)
@@ -233,7 +224,7 @@ class HomeAssistantSource:
         settings = self._settings
         assert settings.ha_url is not None
         assert settings.ha_token is not None
-        client = _client(settings, self._session, on_events=self._on_events)
+        client = _client(settings, on_events=self._on_events, read_coalescing=_READ_COALESCING)
         try:
             async with client:
                 self._client = client
@@ -319,7 +310,7 @@ class HomeAssistantSource:
 
     # --- framing -----------------------------------------------------------------------------------
     def _on_events(self, batch: Events) -> None:
-        """Called by the client's reader with the events of one frame: hand off, nothing else."""
+        """Called by the client with the events of one message: hand off, nothing else."""
         batch = self._within_bound(batch)
         if not batch:
             return
@@ -332,15 +323,6 @@ class HomeAssistantSource:
             for event in batch:
                 if event.get("event_type") == "state_changed":
                     self._probe_saw(probe, event)
-        if len(events) >= _PROCESS_AT_ONCE:
-            self._events_ready.set()
-        elif self._wake_timer is None:
-            self._wake_timer = asyncio.get_running_loop().call_later(
-                _PROCESS_COALESCING, self._wake_processor
-            )
-
-    def _wake_processor(self) -> None:
-        self._wake_timer = None
         self._events_ready.set()
 
     # --- the bound on held events ---------------------------------------------------------------------
@@ -569,19 +551,19 @@ class HomeAssistantSource:
 
 def _client(
     settings: Settings,
-    session: aiohttp.ClientSession,
     on_events: Callable[[Events], None] | None = None,
+    read_coalescing: float = 0.0,
 ) -> HomeAssistantClient:
     assert settings.ha_url is not None
     assert settings.ha_token is not None
     return HomeAssistantClient(
         settings.ha_url,
         settings.ha_token.get_secret_value(),
-        session,
         ssl_context=ha_tls_context(settings),
         call_timeout=_CALL_TIMEOUT,
         ping_interval=settings.ha_ping_interval,
         ping_timeout=settings.ha_ping_timeout,
+        read_coalescing=read_coalescing,
         on_events=on_events,
     )
 
@@ -589,7 +571,6 @@ def _client(
 async def decide_instance(
     settings: Settings,
     checkpoints: Checkpoints,
-    session: aiohttp.ClientSession,
     wait: float = _INSTANCE_WAIT,
 ) -> str:
     """The ``instance`` tag for this run, decided before the first point and kept."""
@@ -603,7 +584,7 @@ async def decide_instance(
     location = None
     # Unreachable, refused or slow: the host name, and the source reports why when it connects.
     with contextlib.suppress(Exception):
-        async with asyncio.timeout(wait), _client(settings, session) as client:
+        async with asyncio.timeout(wait), _client(settings) as client:
             config = await client.call("get_config")
             if isinstance(config, dict) and config.get("location_name"):
                 location = str(config["location_name"])
