@@ -184,7 +184,6 @@ async def test_a_trickle_is_read_in_few_wakeups(
     assert len(immediate) >= 15, "without coalescing each message is read on its own"
 
 
-
 @pytest.mark.timeout(60)
 async def test_an_awaited_answer_does_not_wait_for_the_coalescing_interval(
     serve: Callable[[Handler], Awaitable[Server]],
@@ -203,7 +202,7 @@ async def test_an_awaited_answer_does_not_wait_for_the_coalescing_interval(
         may_coalesce=lambda: not awaiting,
     )
     await connection.connect()
-    await wait_for(lambda: received)  # after this read, reading is paused for 30 s
+    await wait_for(lambda: bool(received))  # after this read, reading is paused for 30 s
     awaiting, sent = True, time.monotonic()
     connection.send_text(b"question")
     await wait_for(lambda: len(received) == 2, timeout=10)
