@@ -112,10 +112,10 @@ class CommitSchedule:
     """When the group commit runs, adapting to the rate lines arrive at.
 
     A commit costs about the same for one line as for a hundred (a transaction, an fsync, a
-    hop to the spool thread and back, a wake-up of the writer). So the commit waits at least
-    ``min_delay`` after the first line — in a burst, the lines of that time and of the commit
-    before make one group — and at a trickle it waits for ``eager_lines`` lines, or at most
-    ``max_delay``: at 100 lines/s, sixteen lines per commit instead of one.
+    hop to the spool thread and back, a wake-up of the writer). So at a trickle the commit
+    waits for ``eager_lines`` lines, or at most ``max_delay`` — at 100 lines/s, sixteen lines
+    per commit instead of one, and one wake-up for the wait. Once that many are pending (a
+    burst) it waits ``min_delay`` more, so that the lines of that time join the group.
 
     ``eager_lines`` stays below what a broker lets a subscriber hold unacknowledged (Mosquitto:
     20 by default), so a waiting commit never stalls a stream that the broker throttles.
@@ -131,14 +131,12 @@ class CommitSchedule:
     async def wait(self, pending: Callable[[], int], enough: asyncio.Event) -> None:
         """Return when the lines pending (``pending()``) should be committed; ``enough`` is set
         by the intake once ``eager_lines`` are pending."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_delay
+        if pending() < self.eager_lines:
+            enough.clear()
+            await wait_event(enough, self.max_delay)
+            if not enough.is_set():
+                return  # a trickle: the deadline
         await asyncio.sleep(self.min_delay)
-        remaining = deadline - loop.time()
-        if pending() >= self.eager_lines or remaining <= 0:
-            return
-        enough.clear()
-        await wait_event(enough, remaining)
 
 
 def _resolver(future: asyncio.Future[None]) -> Callable[[asyncio.Future[None]], None]:

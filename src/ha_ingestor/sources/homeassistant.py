@@ -78,7 +78,7 @@ _CALL_TIMEOUT = 60.0  # a command's answer (get_states and history can be large 
 _STABLE_AFTER = 30.0  # a connection up this long resets the backoff
 _REGISTRY_DEBOUNCE = 0.5  # registry events come in bursts: re-fetch once per burst
 _MAX_KNOWN_ENTITIES = 100_000
-_READ_COALESCING = 0.1  # at a trickle: the socket is read at most this often (seconds)
+_READ_COALESCING = 0.2  # at a trickle: the socket is read at most this often (seconds)
 _PROCESS_AT_ONCE = 256  # in a backlog: the events handled between yields to the loop
 
 
