@@ -174,7 +174,12 @@ class InfluxWriter:
             batch = await buffer.next_batch(settings.influx_batch_size, max_wait)
             self._in_flight += 1
             try:
-                await self._write(self._in_write_order(batch.lines), backoff)
+                lines = self._in_write_order(batch.lines)
+                # A batch holds whole groups, and one group may hold more lines than a request
+                # may carry (in a burst, all that arrived during the previous commit).
+                size = settings.influx_batch_size
+                for start in range(0, len(lines), size):
+                    await self._write(lines[start : start + size], backoff)
             except asyncio.CancelledError:
                 await buffer.release(batch)
                 raise
