@@ -27,6 +27,7 @@ from ha_ingestor.line_protocol import (
     format_field_value,
     parse_line,
     series_key,
+    series_order,
 )
 from ha_ingestor.record import FieldValue, Point
 from tests.support.servers import InfluxDB1
@@ -163,6 +164,28 @@ def test_series_key_sorts_tags_and_drops_empty_keys_and_values() -> None:
     assert series_key("m", {}) == "m"
     # Sorted by code point, which is the UTF-8 byte order InfluxDB sorts by.
     assert series_key("m", {"é": "1", "z": "2", "Z": "3"}) == "m,Z=3,z=2,é=1"
+
+
+def test_series_order_groups_series_and_keeps_the_order_within_each() -> None:
+    lines = [
+        "m,t=b v=1 1",
+        "m,t=a v=2 2",
+        "m,t=b v=3 3",
+        r"m\ x,t=a v=4 4",
+        "m,t=a v=5 2",  # same series and time as the second line: it must stay after it
+        r"m\ x,t=a v=6 6",
+        "n v=7 7",
+    ]
+    assert series_order(lines) == [
+        "m,t=a v=2 2",
+        "m,t=a v=5 2",
+        "m,t=b v=1 1",
+        "m,t=b v=3 3",
+        r"m\ x,t=a v=4 4",
+        r"m\ x,t=a v=6 6",
+        "n v=7 7",
+    ]
+    assert lines[0] == "m,t=b v=1 1"  # the batch itself is left as it was
 
 
 def test_encode_fields_keeps_order_and_skips_what_cannot_be_written() -> None:

@@ -271,6 +271,43 @@ async def test_writes_in_flight_never_exceed_the_concurrency(
     assert w.metric("ha_ingestor_batch_size_sum") == 500
 
 
+async def test_a_batch_reaches_influxdb_in_series_order_and_the_later_of_two_points_wins(
+    proxy: Proxy, influxdb: InfluxDB1, influx_db: str, tmp_path: Path
+) -> None:
+    settings = make_settings(proxy.url, tmp_path, influx_api="v1", influx_database=influx_db)
+    # As messages arrive: series interleaved, and one point sent twice with another value.
+    lines = [f"mqtt_message,topic=t/{i % 3} value={i}.5,n={i}i {T0 + i}" for i in range(9)]
+    lines.append(f"mqtt_message,topic=t/1 value=99.5,n=99i {T0 + 4}")
+    async with running_writer(settings) as w:
+        await w.add(lines)
+        await w.drained()
+
+    (write,) = proxy.writes()
+    assert [int(sent.split("n=")[1].split("i")[0]) for sent in write.lines] == [
+        *(0, 3, 6),
+        *(1, 4, 7, 99),
+        *(2, 5, 8),
+    ]
+    assert stored_numbers(influxdb, influx_db) == [0, 1, 2, 3, 5, 6, 7, 8, 99]
+
+
+async def test_a_group_larger_than_the_batch_size_goes_out_in_requests_of_at_most_that_size(
+    proxy: Proxy, influxdb: InfluxDB1, influx_db: str, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        proxy.url, tmp_path, influx_api="v1", influx_database=influx_db, influx_batch_size="30"
+    )
+    lines = [line(i) for i in range(250)]
+    async with running_writer(settings, MemoryBuffer(group_lines=100)) as w:
+        await w.add(lines)
+        await w.drained()
+
+    # Groups of 100, 100 and 50 lines, each sent in parts of at most 30.
+    assert sorted(len(write.lines) for write in proxy.writes()) == [10, 10, 20, *[30] * 7]
+    assert sorted(proxy.stored_lines()) == sorted(lines)
+    assert stored_numbers(influxdb, influx_db) == list(range(250))
+
+
 async def test_gzip_bodies_are_stored_by_influxdb(
     proxy: Proxy, influxdb: InfluxDB1, influx_db: str, tmp_path: Path
 ) -> None:
