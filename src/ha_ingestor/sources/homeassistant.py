@@ -11,8 +11,9 @@ its events to :meth:`HomeAssistantSource._on_events`, which appends them to an u
 (its depth is ``ha_ingestor_queue_depth{queue="homeassistant"}``); the *processor* task maps
 events to points, encodes and buffers them, and waits when the buffer is full — only it feels
 back-pressure. At a trickle the client reads the socket at most every ``_READ_COALESCING``
-seconds (the spool's group commit waits longer than that anyway), so the events of that time
-cost one wake-up, not one each.
+seconds, so the events of that time cost one wake-up and, together, one spool commit, not one
+each. Nothing waits on that but the point's arrival in InfluxDB (which the writer's flush
+interval delays longer): every event carries its own time, and commands are answered at once.
 
 Errors:
 - transport errors (refused, closed, no pong, malformed frame) → ``RECONNECTING``, capped
@@ -78,7 +79,7 @@ _CALL_TIMEOUT = 60.0  # a command's answer (get_states and history can be large 
 _STABLE_AFTER = 30.0  # a connection up this long resets the backoff
 _REGISTRY_DEBOUNCE = 0.5  # registry events come in bursts: re-fetch once per burst
 _MAX_KNOWN_ENTITIES = 100_000
-_READ_COALESCING = 0.2  # at a trickle: the socket is read at most this often (seconds)
+_READ_COALESCING = 0.5  # at a trickle: the socket is read at most this often (seconds)
 _PROCESS_AT_ONCE = 256  # in a backlog: the events handled between yields to the loop
 
 
