@@ -90,6 +90,18 @@ def test_oversized_payload_is_truncated_and_flagged() -> None:
     assert invalid == [("oversized", "big")]
 
 
+def test_oversized_payload_keeps_every_byte_up_to_the_cap() -> None:
+    encoder, invalid = _encoder(max_payload_bytes=100)
+    for payload in (b"x" * 150, ("é" * 75).encode(), b"12345" * 30, b'{"a": 1}' + b" " * 100):
+        line = encoder.encode("big", payload, 0, False, T)
+        stored = payload[:100].decode().replace('"', '\\"')
+        assert f' payload="{stored}",qos=0i' in line
+        assert line.endswith(f",size={len(payload)}i,truncated=true {T}")
+        assert ",value=" not in line  # a number cut at the cap is not that number
+        assert ",a=" not in line  # nor is a cut JSON document parsed
+    assert invalid == [("oversized", "big")] * 4
+
+
 def test_invalid_json_is_kept_as_payload_and_counted() -> None:
     encoder, invalid = _encoder()
     line = encoder.encode("t", b'{"a": 1,', 0, False, T)

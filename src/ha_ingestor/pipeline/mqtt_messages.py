@@ -38,6 +38,11 @@ TAGS = frozenset({"topic", "instance", "entity_id", "device"})
 FIXED_COLUMNS = 1 + len(TAGS) + 7 + 8
 _MAX_CACHED_TOPICS = 100_000
 _MAX_CACHED_KEYS = 10_000
+_SPACE = " \t\r\n"  # JSON's whitespace: what may come before the "{" of an object
+#: ",qos=Ni,retained=B,size=" by [qos][retained]
+_QOS_RETAINED = tuple(
+    (f",qos={qos}i,retained=false,size=", f",qos={qos}i,retained=true,size=") for qos in range(3)
+)
 
 
 class MqttMessageEncoder:
@@ -89,57 +94,90 @@ class MqttMessageEncoder:
         return key
 
     def encode(self, topic: str, payload: bytes, qos: int, retained: bool, time_ns: int) -> str:
+        series = self._series.get(topic) or self.series_for(topic)
         size = len(payload)
-        extra = ""
         if size > self._max_payload:
-            payload = payload[: self._max_payload]
-            extra = ",truncated=true"
-            self._on_invalid("oversized", topic)
-        text: str | None
+            return self._encode_oversized(series, topic, payload, qos, retained, time_ns)
         try:
             text = payload.decode()
         except UnicodeDecodeError:
-            text = _decode_truncated(payload) if extra else None
-            if text is None:
-                self._on_invalid("invalid_utf8", topic)
-                return (
-                    f'{self.series_for(topic)} payload="{base64.b64encode(payload).decode()}"'
-                    f',encoding="base64",qos={qos}i,retained={"true" if retained else "false"}'
-                    f",size={size}i{extra} {time_ns}"
-                )
-        if (text[:1] == "{" or text.lstrip()[:1] == "{") and not extra:
+            return self._encode_binary(series, topic, payload, qos, retained, size, "", time_ns)
+        first = text[:1]
+        if first == "{" or (first in _SPACE and text.lstrip()[:1] == "{"):
             promoted = self._json_fields(payload, topic)
         else:
             number = to_value(text) if len(text) < 64 else None
             promoted = "" if number is None else f",value={number!r}"
         return (
-            f"{self.series_for(topic)} payload={escape_string(text)}{promoted},qos={qos}i,"
-            f"retained={'true' if retained else 'false'},size={size}i{extra} {time_ns}"
+            f"{series} payload={escape_string(text)}{promoted}"
+            f"{_QOS_RETAINED[qos][retained]}{size}i {time_ns}"
+        )
+
+    def _encode_oversized(
+        self, series: str, topic: str, payload: bytes, qos: int, retained: bool, time_ns: int
+    ) -> str:
+        """A payload over the size cap: its first ``max_payload_bytes`` as text (a partial UTF-8
+        character at the cut dropped), marked ``truncated``; no promoted fields."""
+        self._on_invalid("oversized", topic)
+        size = len(payload)
+        payload = payload[: self._max_payload]
+        try:
+            text: str | None = payload.decode()
+        except UnicodeDecodeError:
+            text = _decode_truncated(payload)
+        if text is None:
+            return self._encode_binary(
+                series, topic, payload, qos, retained, size, ",truncated=true", time_ns
+            )
+        return (
+            f"{series} payload={escape_string(text)}"
+            f"{_QOS_RETAINED[qos][retained]}{size}i,truncated=true {time_ns}"
+        )
+
+    def _encode_binary(
+        self,
+        series: str,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retained: bool,
+        size: int,
+        extra: str,
+        time_ns: int,
+    ) -> str:
+        """A payload that is not UTF-8: stored as base64, marked with ``encoding``."""
+        self._on_invalid("invalid_utf8", topic)
+        return (
+            f'{series} payload="{base64.b64encode(payload).decode()}",encoding="base64"'
+            f"{_QOS_RETAINED[qos][retained]}{size}i{extra} {time_ns}"
         )
 
     def _json_fields(self, payload: bytes, topic: str) -> str:
+        """``,path=float,...`` for the numeric and boolean leaves of a JSON-object payload."""
         try:
             document = orjson.loads(payload)
         except orjson.JSONDecodeError:
             self._on_invalid("invalid_json", topic)
             return ""
-        if not isinstance(document, dict):
+        if type(document) is not dict:
             return ""
-        leaves: list[str] = []
-        if self._flatten(document, "", leaves):
+        parts: list[str] = []
+        if self._flatten(document, "", parts):
             self._on_invalid("too_many_fields", topic)
         if self._left_out:
             if self._columns is not None:
                 self._columns.left_out(self._left_out)
             self._left_out = 0
-        return "," + ",".join(leaves) if leaves else ""
+        return "".join(parts)
 
-    def _flatten(self, obj: dict[str, Any], prefix: str, out: list[str]) -> bool:
-        """Append ``key=float`` for numeric/bool leaves; True when the cap cut some off."""
-        # The per-message hot spot: type() dispatch and cached "key=" prefixes, no isinstance
-        # chains. orjson yields finite floats only (it refuses NaN, Infinity and 1e400).
+    def _flatten(self, obj: dict[str, Any], prefix: str, parts: list[str]) -> bool:
+        """Append ``",key="`` and the float's text for numeric/bool leaves (two items per
+        field); True when the cap cut some off."""
+        # The per-message hot spot: type() dispatch, cached ",key=" prefixes and no string
+        # concatenation per leaf (the caller joins the parts once). orjson yields finite floats
+        # only (it refuses NaN, Infinity and 1e400).
         assignments = self._assignments
-        max_fields = self._max_fields
+        max_parts = 2 * self._max_fields
         for key, value in obj.items():
             kind = type(value)
             if kind is float:
@@ -149,27 +187,28 @@ class MqttMessageEncoder:
             elif kind is bool:
                 text = "1.0" if value else "0.0"
             elif kind is dict:
-                if key and self._flatten(value, prefix + key + ".", out):
+                if key and self._flatten(value, prefix + key + ".", parts):
                     return True
                 continue
             else:
                 continue  # strings, arrays and nulls stay only in the payload
             if not key:
                 continue  # an empty key cannot name a field
-            if len(out) >= max_fields:
+            if len(parts) >= max_parts:
                 return True
-            path = prefix + key
+            path = prefix + key if prefix else key
             assignment = assignments.get(path)
             if assignment is None:
                 assignment = self._assignment(path)
             if assignment:
-                out.append(assignment + text)
+                parts.append(assignment)
+                parts.append(text)
             else:
                 self._left_out += 1  # past the column budget: only in the payload
         return False
 
     def _assignment(self, path: str) -> str:
-        """``escaped_field_key=`` for a dotted path, cached; "" past the column budget."""
+        """``,escaped_field_key=`` for a dotted path, cached; "" past the column budget."""
         if len(self._assignments) >= _MAX_CACHED_KEYS:
             self._assignments.clear()
         name = "json." + path if path in self._reserved else path
@@ -177,7 +216,7 @@ class MqttMessageEncoder:
         if columns is not None and not columns.admit(name):
             self._assignments[path] = ""
             return ""
-        assignment = self._assignments[path] = escape_field_key(name) + "="
+        assignment = self._assignments[path] = "," + escape_field_key(name) + "="
         return assignment
 
 
