@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import socket
 from collections.abc import AsyncIterator
@@ -188,9 +189,24 @@ class Service:
 
 
 async def run(settings: Settings) -> int:
+    """The service as a process of its own (``ha-ingestor run``)."""
     service = Service(settings)
-    await service.run()
+    ready = asyncio.create_task(service.ready.wait(), name="freeze-start-up-heap")
+    ready.add_done_callback(_freeze_start_up_heap)
+    try:
+        await service.run()
+    finally:
+        ready.cancel()
     return 0
+
+
+def _freeze_start_up_heap(ready: asyncio.Task[Any]) -> None:
+    """Once started, move what start-up made (modules, classes, settings: about 100k objects
+    that live as long as the process) out of the garbage collector's sight. Otherwise every
+    full collection walks them again: in a burst that was a tenth of the ingestor's CPU."""
+    if not ready.cancelled():
+        gc.collect()
+        gc.freeze()
 
 
 async def check(settings: Settings) -> bool:

@@ -38,6 +38,7 @@ from ha_ingestor.sources.mqtt_client import (
     ConnectOptions,
     MqttConnection,
     UnsupportedProtocolVersionError,
+    ack_code,
 )
 from ha_ingestor.telemetry import ConnState, Telemetry
 from ha_ingestor.tls import mqtt_tls_context
@@ -122,41 +123,53 @@ class Acknowledgements:
 
     Messages of one buffer commit share one future: their PUBACK/PUBRECs go out together when
     it resolves, in the order the messages came. A message not stored (excluded, replayed)
-    is acknowledged right after those before it. ``unacked`` holds, per packet id, the topic
-    and durability future of every QoS 1/2 message not acknowledged yet: after the connection
-    is lost, these are the only messages the broker may send again as redeliveries.
+    is acknowledged right after those before it. :meth:`unacked` tells, per packet id, the
+    topic and durability future of every QoS 1/2 message not acknowledged yet: after the
+    connection is lost, these are the only messages the broker may send again as redeliveries.
+
+    Per message only ints and existing objects are stored (no tuple): in a burst tens of
+    thousands wait here at once, and tuples would make every garbage collection walk them.
     """
 
     def __init__(self, connection: MqttConnection) -> None:
         self._connection = connection
-        self.unacked: dict[int, tuple[str, asyncio.Future[None] | None]] = {}
+        self._topics: dict[int, str] = {}  # packet id → topic, of the messages not acknowledged
+        self._durable: dict[int, asyncio.Future[None] | None] = {}  # … and their futures
         self._future: asyncio.Future[None] | None = None
-        self._queue: list[tuple[int, int]] | None = None  # newest (qos, packet id)s not sent
+        self._queue: list[int] | None = None  # the newest acknowledgements not sent (ack_code)
+
+    def unacked(self) -> dict[int, tuple[str, asyncio.Future[None] | None]]:
+        durable = self._durable
+        return {packet_id: (topic, durable[packet_id]) for packet_id, topic in self._topics.items()}
 
     def add(
         self, qos: int, packet_id: int, topic: str, durable: asyncio.Future[None] | None
     ) -> None:
-        self.unacked[packet_id] = (topic, durable)
+        self._topics[packet_id] = topic
+        self._durable[packet_id] = durable
+        code = ack_code(qos, packet_id)
         queue = self._queue
         if queue is not None and (durable is None or durable is self._future):
-            queue.append((qos, packet_id))
+            queue.append(code)
             return
-        self._queue = queue = [(qos, packet_id)]
+        self._queue = queue = [code]
         self._future = durable
         if durable is None:
             asyncio.get_running_loop().call_soon(self._send, queue, None)
         else:
             durable.add_done_callback(lambda future: self._send(queue, future))
 
-    def _send(self, queue: list[tuple[int, int]], durable: asyncio.Future[None] | None) -> None:
+    def _send(self, queue: list[int], durable: asyncio.Future[None] | None) -> None:
         if queue is self._queue:  # the newest queue: later messages start a new one
             self._queue = self._future = None
         if _failed(durable):
             return  # not durable: no acknowledgement, the broker sends them again
         if self._connection.acknowledge(queue):
-            unacked = self.unacked
-            for _qos, packet_id in queue:
-                unacked.pop(packet_id, None)
+            topics, futures = self._topics, self._durable
+            for code in queue:
+                packet_id = code & 0xFFFF
+                topics.pop(packet_id, None)
+                futures.pop(packet_id, None)
 
 
 class Redeliveries:
@@ -171,7 +184,7 @@ class Redeliveries:
     def connection_lost(self, acknowledgements: Acknowledgements) -> None:
         # Messages of an older connection still unacknowledged are kept too: the broker
         # sends them again on whichever connection comes next.
-        self._previous.update(acknowledgements.unacked)
+        self._previous.update(acknowledgements.unacked())
 
     def connected(self, session_present: bool) -> None:
         if not session_present:  # a new session: the broker sends nothing again

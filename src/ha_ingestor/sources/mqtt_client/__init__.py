@@ -7,6 +7,7 @@ from ha_ingestor.sources.mqtt_client.connection import (
     ConnectRefusedError,
     MqttConnection,
     UnsupportedProtocolVersionError,
+    ack_code,
 )
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "MqttError",
     "ProtocolError",
     "UnsupportedProtocolVersionError",
+    "ack_code",
 ]

@@ -38,9 +38,16 @@ from ha_ingestor.sources.read_gate import BACK_PRESSURE, ReadGate
 
 _ACK = struct.Struct("!BBH")
 _ACK_KIND = {1: codec.PUBACK << 4, 2: codec.PUBREC << 4}
+
 #: Reads are not coalesced while this many messages wait for acknowledgement: a broker that
 #: limits the messages in flight (Mosquitto: 20 by default) sends more only after them.
 _COALESCE_BELOW_UNACKED = 16
+
+
+def ack_code(qos: int, packet_id: int) -> int:
+    """One acknowledgement due, as an int (no tuple per message): the QoS above the 16 bits of
+    the packet id."""
+    return qos << 16 | packet_id
 
 
 class ConnectRefusedError(MqttError):
@@ -232,13 +239,13 @@ class MqttConnection:
         finally:
             self._subacks.pop(packet_id, None)
 
-    def acknowledge(self, acks: list[tuple[int, int]]) -> bool:
-        """Send PUBACK (QoS 1) / PUBREC (QoS 2) for (qos, packet_id) pairs, in one write.
+    def acknowledge(self, acks: list[int]) -> bool:
+        """Send PUBACK (QoS 1) / PUBREC (QoS 2) for :func:`ack_code` values, in one write.
         False when the connection is gone (the broker then sends those messages again)."""
         if self._transport is None or self._transport.is_closing():
             return False
         pack, kinds = _ACK.pack, _ACK_KIND
-        self._write(b"".join([pack(kinds[qos], 2, packet_id) for qos, packet_id in acks]))
+        self._write(b"".join([pack(kinds[code >> 16], 2, code & 0xFFFF) for code in acks]))
         self._unacked -= len(acks)
         return True
 
