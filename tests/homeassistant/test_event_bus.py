@@ -184,7 +184,12 @@ async def test_a_restart_of_home_assistant_is_backfilled_without_duplicates(
         )
         assert recorded - stored == set(), "every change made around the restart is stored"
         assert stored_point_count(service, since) == len(stored), "no duplicates"
-        assert service.metric("ha_ingestor_backfilled_points_total") > 0
+        # Counted once the back-fill is durable, which may be after its points show.
+        await wait_for(
+            lambda: service.metric("ha_ingestor_backfilled_points_total") > 0,
+            timeout=30,
+            message="back-filled points counted",
+        )
         assert service.service.telemetry.connections["homeassistant"].reconnects >= 1
 
 
@@ -239,7 +244,12 @@ async def test_an_ingestor_restart_backfills_from_the_persisted_checkpoint(
         assert len(mine) == 80
         assert mine <= stored, "the changes made while the ingestor was stopped were back-filled"
         assert stored_point_count(service, since) == len(stored), "no duplicates"
-        assert service.metric("ha_ingestor_backfilled_points_total") >= 40
+        # Counted once the back-fill is durable, which may be after its points show.
+        await wait_for(
+            lambda: service.metric("ha_ingestor_backfilled_points_total") >= 40,
+            timeout=30,
+            message="back-filled points counted",
+        )
 
 
 def changes_at_a_pace(ha: HomeAssistant, prefix: str, count: int, pause: float) -> None:

@@ -19,7 +19,9 @@ The recorder writes in the background (every ``commit_interval`` seconds, 5 by d
 the states of the last moments before the subscription may not be queryable yet. The gap ends
 where the live stream begins — at the first state change received after subscribing — and
 :meth:`HistoryBackfill.wait_for_recorder` waits until that first live change is in history:
-the recorder commits in order, so everything before it is then committed too.
+the recorder commits in order, so everything before it is then committed too. A recorder
+that takes longer (busy after a restart, migrating its database) gets the gap read at once
+and then read again once it has caught up; the points of both readings collapse into one.
 """
 
 from __future__ import annotations
@@ -108,10 +110,13 @@ class HistoryBackfill:
         self._max_hours = max_hours
         self._clock = clock
 
-    async def wait_for_recorder(self, probe: LiveProbe, max_wait: float) -> bool:
+    async def wait_for_recorder(
+        self, probe: LiveProbe, max_wait: float, max_delay: float = 1.0
+    ) -> bool:
         """Wait until the recorder has committed the first live state change (and so the
-        whole gap before it). False after ``max_wait`` s without that proof — no live change
-        arrived, or only ones of entities the recorder excludes."""
+        whole gap before it), asking every ``max_delay`` s at most. False after ``max_wait`` s
+        without that proof — no live change arrived, or only ones of entities the recorder
+        excludes."""
         deadline = self._clock() + max_wait
         delay = 0.1
         while True:
@@ -130,12 +135,12 @@ class HistoryBackfill:
             if self._clock() >= deadline:
                 return False
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            delay = min(delay * 2, max_delay)
 
     async def run(self, since_ns: int, until_ns: int | None, entity_ids: Iterable[str]) -> int:
         """Store the state changes after ``since_ns`` and before ``until_ns`` (None: up to
         now) of the current entities plus ``entity_ids``; return once they are durable.
-        Returns the number of points."""
+        Returns the number of points (the caller counts them: a gap read twice is one gap)."""
         telemetry = self._telemetry
         now_ns = int(self._clock() * 1e9)
         oldest_ns = now_ns - int(self._max_hours * 3600e9)
@@ -184,7 +189,6 @@ class HistoryBackfill:
             window_start = window_end
         # Durable before the caller moves the checkpoint past the gap.
         await asyncio.gather(*durable)
-        telemetry.metrics.backfilled.inc(count)
         telemetry.log.info(
             "backfill done",
             since=format_time_ns(start_ns),

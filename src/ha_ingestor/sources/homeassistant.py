@@ -78,6 +78,8 @@ _INSTANCE_WAIT = 10.0  # at the very first start: how long to try for the locati
 _CALL_TIMEOUT = 60.0  # a command's answer (get_states and history can be large and slow)
 _STABLE_AFTER = 30.0  # a connection up this long resets the backoff
 _REGISTRY_DEBOUNCE = 0.5  # registry events come in bursts: re-fetch once per burst
+#: How long a gap read without the recorder's confirmation waits for it to read the gap again.
+_RECORDER_RECHECK = 600.0
 _MAX_KNOWN_ENTITIES = 100_000
 _READ_COALESCING = 0.5  # at a trickle: the socket is read at most this often (seconds)
 _PROCESS_AT_ONCE = 256  # in a backlog: the events handled between yields to the loop
@@ -520,17 +522,28 @@ class HomeAssistantSource:
     # --- back-fill ---------------------------------------------------------------------------------
     async def _fill_gap(self, start_ns: int, probe: LiveProbe) -> None:
         """Back-fill from ``start_ns`` to the first live state change, then release the
-        checkpoint hold. On failure the hold stays: the next connection tries again."""
+        checkpoint hold. On failure the hold stays: the next connection tries again.
+
+        Without the recorder's confirmation within the settle time the gap is read at once
+        (most of it is usually committed) and, the hold kept, read again once the recorder
+        has caught up — or given up on after ``_RECORDER_RECHECK`` s."""
         telemetry = self._telemetry
+        backfill = self._backfill
         settle = self._settings.ha_backfill_settle
         try:
-            if settle > 0 and not await self._backfill.wait_for_recorder(probe, settle):
+            confirmed = settle <= 0 or await backfill.wait_for_recorder(probe, settle)
+            count = await backfill.run(start_ns, probe.first_ns, self._known_entities)
+            telemetry.metrics.backfilled.inc(count)
+            if not confirmed:
                 telemetry.log.info(
                     "backfill without recorder confirmation",
                     waited=settle,
                     reason="no recorded live state change yet",
+                    read_again_within=_RECORDER_RECHECK,
                 )
-            await self._backfill.run(start_ns, probe.first_ns, self._known_entities)
+                if await backfill.wait_for_recorder(probe, _RECORDER_RECHECK, max_delay=5.0):
+                    again = await backfill.run(start_ns, probe.first_ns, self._known_entities)
+                    telemetry.metrics.backfilled.inc(max(0, again - count))
         except CommandError as exc:
             telemetry.error(TARGET, "backfill failed", error=str(exc))
             if exc.code == "unknown_command":  # no history integration: nothing to wait for
