@@ -8,6 +8,8 @@ with ids ``ha2026.11.0`` / ``ha2024.3.3``."""
 from __future__ import annotations
 
 import itertools
+import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,14 +71,44 @@ def ha_release(request: pytest.FixtureRequest) -> Release:
 
 
 @pytest.fixture(scope="session")
-def home_assistant(
+def shared_home_assistant(
     ha_release: Release, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[HomeAssistant]:
-    """One Home Assistant per release for the session. Tests must not stop it or rely on its
-    entities being untouched by other tests: use entity ids of their own."""
     directory = tmp_path_factory.mktemp(f"homeassistant-{ha_release.version}")
     with started(HomeAssistant(directory, ha_release)) as server:
         yield server
+
+
+@pytest.fixture
+def home_assistant(shared_home_assistant: HomeAssistant) -> HomeAssistant:
+    """One Home Assistant per release for the session. Tests must not stop it or rely on its
+    entities being untouched by other tests: use entity ids of their own.
+
+    Should it have died or stopped answering since the last test, it is restarted (same port,
+    token and recorder) with a warning that carries its log tail: one crash of Home Assistant
+    fails the test it happened in, not every test after it."""
+    ha = shared_home_assistant
+    if not answers(ha):
+        code = ha.process.poll() if ha.process else None
+        what = f"exited with {code}" if code is not None else "stopped answering"
+        warnings.warn(
+            f"the shared Home Assistant {ha.release.version} {what}; restarting it. "
+            f"Log tail:\n{ha.log_tail()}",
+            stacklevel=1,
+        )
+        ha.restart(kill=True)
+    return ha
+
+
+def answers(ha: HomeAssistant, tries: int = 5) -> bool:
+    """Running and answering HTTP (a busy machine gets a few seconds)."""
+    for _ in range(tries):
+        if not ha.running:
+            return False
+        if ha.is_up():
+            return True
+        time.sleep(1)
+    return False
 
 
 @pytest.fixture
