@@ -262,8 +262,9 @@ class Settings(BaseModel):
         0.005,
         gt=0,
         le=1,
-        description="Seconds a spool group commit waits after its first line (when lines come "
-        "slowly it waits for 16 of them, up to 0.2 s).",
+        description="Seconds a spool group commit waits for more lines in a burst (commits "
+        "back to back). When lines come slowly it waits for 16 of them, up to 0.2 s, then "
+        "commits at once.",
     )
 
     # --- HTTP, logging, identity ---------------------------------------------------------------

@@ -340,8 +340,8 @@ async def proxied_service(
             mosquitto,
             mqtt_topics=f"{topic_prefix}/#",
             mqtt_port=str(proxy.port),
-            # A long group commit: messages stay received-but-not-durable long enough for the
-            # connection to break under them.
+            # A long group commit: fewer than 16 messages (a trickle) stay received but not
+            # durable for a second, long enough for the connection to break under them.
             spool_commit_interval="1.0",
         )
         async with run_service(env, influxdb, influx_db) as service:
@@ -361,17 +361,27 @@ async def test_messages_in_flight_when_the_connection_breaks_are_stored_once(
     await publish_many(mosquitto.host, mosquitto.port, switch_messages(topic_prefix, 0, 100))
     await wait_for_count(service, 100)
     await settled(service)
-    await publish_many(mosquitto.host, mosquitto.port, switch_messages(topic_prefix, 100, 200))
+    in_flight = 10  # a trickle: their commit waits the whole second
+    await publish_many(
+        mosquitto.host, mosquitto.port, switch_messages(topic_prefix, 100, in_flight)
+    )
     received = ("ha_ingestor_events_received_total", "mqtt")
-    await wait_for(lambda: service.metric(received[0], source=received[1]) >= 300, interval=0.01)
-    proxy.cut()  # before their commit: no acknowledgement left; the broker sends all 200 again
-    await wait_for(lambda: duplicates(service) >= 200, timeout=60, message="redeliveries known")
-    await publish_many(mosquitto.host, mosquitto.port, switch_messages(topic_prefix, 300, 200))
-    await wait_for_count(service, 500)
+    await wait_for(
+        lambda: service.metric(received[0], source=received[1]) >= 100 + in_flight, interval=0.01
+    )
+    proxy.cut()  # before their commit: no acknowledgement left; the broker sends them again
+    await wait_for(
+        lambda: duplicates(service) >= in_flight, timeout=60, message="redeliveries known"
+    )
+    total = 100 + in_flight + 200
+    await publish_many(
+        mosquitto.host, mosquitto.port, switch_messages(topic_prefix, 100 + in_flight, 200)
+    )
+    await wait_for_count(service, total)
     await settled(service)
-    assert duplicates(service) == 200
+    assert duplicates(service) == in_flight
     assert proxy.connections == 2
-    assert_each_switch_history_complete(service, 500)
+    assert_each_switch_history_complete(service, total)
 
 
 async def test_messages_lost_on_the_way_are_stored_when_redelivered_despite_equal_payloads(

@@ -16,10 +16,22 @@ pytestmark = pytest.mark.timeout(30)
 
 
 async def test_a_burst_is_committed_after_the_minimum_delay() -> None:
-    schedule = CommitSchedule(min_delay=0.01, max_delay=5.0, eager_lines=4)
+    schedule = CommitSchedule(min_delay=0.01, max_delay=5.0, eager_lines=4, burst_gap=10.0)
+    schedule.committed()  # commits back to back: lines keep coming
     began = time.monotonic()
     await schedule.wait(lambda: 100, asyncio.Event())
     assert 0.01 <= time.monotonic() - began < 2.0
+
+
+async def test_enough_lines_after_a_quiet_time_are_committed_at_once() -> None:
+    # One hand-off brought them (a coalesced read): waiting would gain no lines, only cost a
+    # wake-up. With a minimum delay of 3 s the wait would show.
+    schedule = CommitSchedule(min_delay=3.0, max_delay=5.0, eager_lines=4, burst_gap=0.05)
+    schedule.committed()
+    await asyncio.sleep(0.1)  # longer than the burst gap
+    began = time.monotonic()
+    await schedule.wait(lambda: 100, asyncio.Event())
+    assert time.monotonic() - began < 1.0
 
 
 async def test_a_trickle_waits_until_enough_lines_are_pending() -> None:
