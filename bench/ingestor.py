@@ -36,6 +36,18 @@ def bench_servers() -> Iterator[tuple[Path, Mosquitto, InfluxDB1]]:
             influx.stop()
 
 
+def mosquitto_sub(
+    mosquitto: Mosquitto, prefix: str, qos: int, client_id: str, count: int | None = None
+) -> subprocess.Popen[bytes]:
+    """``mosquitto_sub`` (C), the baseline: subscribed to ``prefix/#``, its output discarded;
+    with ``count`` it exits after that many messages."""
+    command = ["mosquitto_sub", "-h", mosquitto.host, "-p", str(mosquitto.port), "-q", str(qos)]
+    command += ["-t", f"{prefix}/#", "-i", client_id]
+    if count is not None:
+        command += ["-C", str(count)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL)
+
+
 @dataclass(frozen=True)
 class RunningIngestor:
     process: subprocess.Popen[bytes]

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from bench.ingestor import (
     cpu_seconds,
     ingestor_counters,
     ingestor_process,
+    mosquitto_sub,
     peak_rss_mb,
 )
 
@@ -80,23 +80,8 @@ def rss_mb(pid: int) -> float:
 
 
 @contextmanager
-def mosquitto_sub(mosquitto: Mosquitto, prefix: str, qos: int) -> Iterator[int]:
-    process = subprocess.Popen(
-        [
-            "mosquitto_sub",
-            "-h",
-            mosquitto.host,
-            "-p",
-            str(mosquitto.port),
-            "-q",
-            str(qos),
-            "-t",
-            f"{prefix}/#",
-            "-i",
-            f"cost-sub-{prefix}",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+def subscribed_baseline(mosquitto: Mosquitto, prefix: str, qos: int) -> Iterator[int]:
+    process = mosquitto_sub(mosquitto, prefix, qos, f"cost-sub-{prefix}")
     try:
         yield process.pid
     finally:
@@ -173,7 +158,7 @@ def main() -> None:
             prefix = "on" if spool else "off"
             with (
                 ingestor_process(mosquitto, influx, prefix, workdir, spool=spool) as running,
-                mosquitto_sub(mosquitto, prefix, args.qos) as sub_pid,
+                subscribed_baseline(mosquitto, prefix, args.qos) as sub_pid,
             ):
                 pid = running.process.pid
                 time.sleep(2.0)  # start-up work (imports, first writes) settles

@@ -23,7 +23,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -39,6 +38,7 @@ from bench.ingestor import (
     cpu_seconds,
     ingestor_counters,
     ingestor_process,
+    mosquitto_sub,
     peak_rss_mb,
 )
 
@@ -87,24 +87,7 @@ def baseline_mosquitto_sub(
     """Seconds for mosquitto_sub to receive every message, from the first publish, and the
     broker's CPU seconds meanwhile."""
     assert mosquitto.process is not None
-    sub = subprocess.Popen(
-        [
-            "mosquitto_sub",
-            "-h",
-            mosquitto.host,
-            "-p",
-            str(mosquitto.port),
-            "-q",
-            str(qos),
-            "-t",
-            f"{prefix}/#",
-            "-C",
-            str(len(messages)),
-            "-i",
-            f"bench-sub-{prefix}",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    sub = mosquitto_sub(mosquitto, prefix, qos, f"bench-sub-{prefix}", count=len(messages))
     time.sleep(1.0)  # mosquitto_sub has no "subscribed" signal
     broker_cpu = cpu_seconds(mosquitto.process.pid)
     started = publish(mosquitto, messages, f"bench-pub-{prefix}")
