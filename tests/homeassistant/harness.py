@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
@@ -252,3 +253,17 @@ async def wait_for_agreement(
     with contextlib.suppress(TimeoutError):
         await wait_for(agree, timeout=timeout, interval=0.25, message="recorder agreement")
     return recorded, stored
+
+
+class HasMetrics(Protocol):
+    def metric(self, name: str, **labels: str) -> float: ...
+
+
+async def wait_backfill_counted(owner: HasMetrics, at_least: float) -> None:
+    """``ha_ingestor_backfilled_points_total`` reaches ``at_least``: a back-fill is counted
+    once it is durable, which may be after its points show."""
+    await wait_for(
+        lambda: owner.metric("ha_ingestor_backfilled_points_total") >= at_least,
+        timeout=30,
+        message="back-filled points counted",
+    )

@@ -13,7 +13,11 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.service import RunningService, mqtt_rows, numbered, run_service, service_env
-from tests.homeassistant.harness import burst_of_state_changes, switch_and_script
+from tests.homeassistant.harness import (
+    burst_of_state_changes,
+    switch_and_script,
+    wait_backfill_counted,
+)
 from tests.support.homeassistant import HomeAssistant
 from tests.support.ingestor import ingestor_process
 from tests.support.mqtt_publisher import publish_many
@@ -184,12 +188,7 @@ async def test_a_restart_of_home_assistant_is_backfilled_without_duplicates(
         )
         assert recorded - stored == set(), "every change made around the restart is stored"
         assert stored_point_count(service, since) == len(stored), "no duplicates"
-        # Counted once the back-fill is durable, which may be after its points show.
-        await wait_for(
-            lambda: service.metric("ha_ingestor_backfilled_points_total") > 0,
-            timeout=30,
-            message="back-filled points counted",
-        )
+        await wait_backfill_counted(service, 1)
         assert service.service.telemetry.connections["homeassistant"].reconnects >= 1
 
 
@@ -244,12 +243,7 @@ async def test_an_ingestor_restart_backfills_from_the_persisted_checkpoint(
         assert len(mine) == 80
         assert mine <= stored, "the changes made while the ingestor was stopped were back-filled"
         assert stored_point_count(service, since) == len(stored), "no duplicates"
-        # Counted once the back-fill is durable, which may be after its points show.
-        await wait_for(
-            lambda: service.metric("ha_ingestor_backfilled_points_total") >= 40,
-            timeout=30,
-            message="back-filled points counted",
-        )
+        await wait_backfill_counted(service, 40)
 
 
 def changes_at_a_pace(ha: HomeAssistant, prefix: str, count: int, pause: float) -> None:

@@ -23,6 +23,7 @@ from tests.homeassistant.harness import (
     burst_of_state_changes,
     running_source,
     switch_and_script,
+    wait_backfill_counted,
     wait_for_agreement,
 )
 from tests.homeassistant.tcp_proxy import TcpProxy
@@ -260,12 +261,7 @@ async def test_a_dead_connection_is_detected_by_ping_and_its_gap_back_filled(
         assert len(recorded) == 120
         assert recorded == stored
         assert_one_series_per_change(run, since)
-        # Counted once the back-fill is durable, which may be after its points show.
-        await wait_for(
-            lambda: run.metric("ha_ingestor_backfilled_points_total") >= 40,
-            timeout=30,
-            message="back-filled points counted",
-        )
+        await wait_backfill_counted(run, 40)
         connection = run.telemetry.connections["homeassistant"]
         assert connection.reconnects == 1
         assert "no pong" in (connection.last_error or "")
@@ -334,12 +330,7 @@ async def test_a_home_assistant_restart_mid_stream_is_back_filled(
         # After a SIGKILL the recorder loses what it had not committed; the source, which
         # received those changes live, may hold more.
         assert_one_series_per_change(run, since)
-        # Counted once the back-fill is durable, which may be after its points show.
-        await wait_for(
-            lambda: run.metric("ha_ingestor_backfilled_points_total") > 0,
-            timeout=30,
-            message="back-filled points counted",
-        )
+        await wait_backfill_counted(run, 1)
         assert run.telemetry.connections["homeassistant"].reconnects == 1
         assert run.source.connection_attempts <= 6, "no reconnect storm while HA was down"
         assert ha.slow_consumer_lines() == []
@@ -374,12 +365,7 @@ async def test_a_restart_of_the_source_back_fills_from_its_checkpoint(
         )
         assert len(recorded) == 40
         assert recorded == stored
-        # Counted once the back-fill is durable, which may be after its points show.
-        await wait_for(
-            lambda: run.metric("ha_ingestor_backfilled_points_total") >= 40,
-            timeout=30,
-            message="back-filled points counted",
-        )
+        await wait_backfill_counted(run, 40)
         refetched = [
             (x.tags["entity_id"], x.time_ns, x.fields["state"])
             for x in run.states(since)
