@@ -13,6 +13,7 @@ import gc
 import signal
 import socket
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -24,7 +25,7 @@ from ha_ingestor.pipeline.columns import ColumnBudgets, promoted_budget
 from ha_ingestor.pipeline.ha_events import STATE_FIXED_COLUMNS, STATE_MEASUREMENT
 from ha_ingestor.pipeline.mqtt_messages import FIXED_COLUMNS as MQTT_FIXED_COLUMNS
 from ha_ingestor.pipeline.mqtt_messages import MEASUREMENT as MQTT_MEASUREMENT
-from ha_ingestor.pipeline.spool import SqliteSpool
+from ha_ingestor.pipeline.spool import IMPORT_SPOOL, SqliteSpool, read_checkpoint
 from ha_ingestor.sinks.influxdb import InfluxClient
 from ha_ingestor.sinks.writer import InfluxWriter
 from ha_ingestor.sources.mqtt import MqttSource
@@ -96,7 +97,11 @@ class Service:
             client = InfluxClient(settings, influx_session)
             writer = InfluxWriter(settings, client, buffer, telemetry)
             readiness = Readiness(settings, telemetry, buffer)
-            columns = ColumnBudgets(checkpoints, telemetry)
+            # ``ha-ingestor import`` writes ha_state from a spool of its own: its columns count.
+            shared = [partial(read_checkpoint, settings.spool_dir / IMPORT_SPOOL)]
+            columns = ColumnBudgets(
+                checkpoints, telemetry, shared if settings.spool_enabled else []
+            )
             instance = await self._instance(settings, checkpoints)
             sources = self.sources = self._sources(settings, buffer, columns, checkpoints, instance)
             async with HttpServer(

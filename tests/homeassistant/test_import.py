@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 
-from ha_ingestor.importer.command import IMPORT_SPOOL
 from ha_ingestor.importer.job import ACTIVE_KEY, checkpoint_key
-from ha_ingestor.pipeline.spool import read_checkpoint
+from ha_ingestor.pipeline.spool import IMPORT_SPOOL, read_checkpoint
 from ha_ingestor.sources.homeassistant import CHECKPOINT_KEY, FIRST_BACKFILL_NS
 from tests.homeassistant.harness import running_source
 from tests.homeassistant.recorder import (

@@ -3,7 +3,9 @@ budgets that keep every measurement inside InfluxDB 3 Core's 500 columns."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from ha_ingestor.pipeline.ha_events import (
 )
 from ha_ingestor.pipeline.mqtt_discovery import DiscoveryMap
 from ha_ingestor.pipeline.mqtt_messages import MqttMessageEncoder
-from ha_ingestor.pipeline.spool import SqliteSpool
+from ha_ingestor.pipeline.spool import SqliteSpool, read_checkpoint
 from ha_ingestor.telemetry import Telemetry
 from tests.sinks.conftest import RecordingLogger, new_telemetry, sample
 
@@ -241,6 +243,63 @@ async def test_admitted_names_survive_a_restart_in_the_spool_database(tmp_path: 
         assert not again.admit("c")
     memory = ColumnBudgets(MemoryCheckpoints())
     assert memory.budget("ha_state", None).admit("attr_x")
+
+
+@pytest.mark.timeout(30)
+async def test_names_of_another_spool_count_against_the_budget(tmp_path: Path) -> None:
+    """The service and ``ha-ingestor import`` write one table from two spools: each counts the
+    other's names, read at the start and again on refresh, and saves only its own view."""
+    telemetry, log = new_telemetry()
+    service_dir, import_dir = tmp_path / "spool", tmp_path / "spool" / "import"
+    async with SqliteSpool(service_dir, telemetry) as service_spool:
+        service = ColumnBudgets(service_spool, telemetry)
+        assert service.budget("ha_state", 4).admit("attr_a")
+        await service.save()
+        await service_spool.flush()
+        async with SqliteSpool(import_dir, telemetry) as import_spool:
+            imports = ColumnBudgets(
+                import_spool, telemetry, [partial(read_checkpoint, service_dir)]
+            )
+            budget = imports.budget("ha_state", 4)
+            assert budget.admitted == frozenset({"attr_a"})
+            assert budget.admit("attr_b")
+            # The service admits two more meanwhile; the import sees them on its next look.
+            assert service.budget("ha_state", 4).admit("attr_c")
+            assert service.budget("ha_state", 4).admit("attr_d")
+            await service.save()
+            await service_spool.flush()
+            assert budget.admit("attr_e"), "not looked yet"
+            imports.refresh()
+            assert not budget.admit("attr_f")
+            assert budget.admitted == frozenset({"attr_a", "attr_b", "attr_c", "attr_d", "attr_e"})
+            await imports.save()
+            await import_spool.flush()
+        saved = read_checkpoint(import_dir, "columns.ha_state")
+        assert saved is not None
+        assert {"attr_a", "attr_b"} <= set(json.loads(saved))
+    assert not log.named("column names of another spool not read")
+
+
+@pytest.mark.timeout(30)
+async def test_an_unreadable_other_spool_is_logged_and_the_budget_goes_on(tmp_path: Path) -> None:
+    telemetry, log = new_telemetry()
+    async with SqliteSpool(tmp_path / "other", telemetry) as other:
+        await other.save("columns.ha_state", '{"not": "a list"}')
+        await other.flush()
+
+    def broken(key: str) -> str | None:
+        raise OSError(f"cannot read {key}: disk gone")
+
+    budgets = ColumnBudgets(
+        MemoryCheckpoints(), telemetry, [partial(read_checkpoint, tmp_path / "other"), broken]
+    )
+    budget = budgets.budget("ha_state", 1)
+    assert budget.admit("attr_x")
+    assert not budget.admit("attr_y")
+    warnings = log.named("column names of another spool not read")
+    assert [w["measurement"] for w in warnings] == ["ha_state", "ha_state"]
+    assert "not a list" in warnings[0]["error"]
+    assert "disk gone" in warnings[1]["error"]
 
 
 @pytest.mark.timeout(30)

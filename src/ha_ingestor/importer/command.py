@@ -29,6 +29,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TextIO
 
@@ -41,9 +42,15 @@ from ha_ingestor.importer.job import BufferSink, CountingSink, Importer, Sink, S
 from ha_ingestor.importer.options import ImportOptionError, ImportOptions
 from ha_ingestor.importer.progress import ImportProgress, progress_for
 from ha_ingestor.pipeline.buffer import Buffer, Checkpoints, MemoryBuffer, MemoryCheckpoints
-from ha_ingestor.pipeline.ha_events import format_time_ns, parse_time_ns
+from ha_ingestor.pipeline.columns import ColumnBudgets, promoted_budget
+from ha_ingestor.pipeline.ha_events import (
+    STATE_FIXED_COLUMNS,
+    STATE_MEASUREMENT,
+    format_time_ns,
+    parse_time_ns,
+)
 from ha_ingestor.pipeline.ha_statistics import StatisticsMapper
-from ha_ingestor.pipeline.spool import SpoolError, SqliteSpool, read_checkpoint
+from ha_ingestor.pipeline.spool import IMPORT_SPOOL, SpoolError, SqliteSpool, read_checkpoint
 from ha_ingestor.sinks.dead_letter import DEAD_LETTER_FILE, DeadLetterFile
 from ha_ingestor.sinks.influxdb import InfluxClient
 from ha_ingestor.sinks.writer import InfluxWriter
@@ -58,7 +65,6 @@ from ha_ingestor.tls import ha_tls_context
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-IMPORT_SPOOL = "import"
 _LOCK_FILE = "import.lock"
 _CALL_TIMEOUT = 120.0  # one history window; windows are sized to take a few seconds
 
@@ -334,14 +340,25 @@ async def _import(
     with contextlib.suppress(CommandError):
         await registries.load(client.call)
     # The same mapping, filters and tags as the live source, so the points are the same.
-    mapper = event_mapper(settings, instance, registries.info)
+    # The service's ha_state columns count against the import's budget, and the other way round.
+    shared = [partial(read_checkpoint, settings.spool_dir)] if settings.spool_enabled else []
+    columns = ColumnBudgets(checkpoints or MemoryCheckpoints(), telemetry, shared)
+    limit = promoted_budget(settings.influx_max_columns, STATE_FIXED_COLUMNS, len(settings.tags))
+    mapper = event_mapper(
+        settings, instance, registries.info, columns.budget(STATE_MEASUREMENT, limit)
+    )
     statistics_mapper = StatisticsMapper(instance=instance, static_tags=settings.tags)
     sink: Sink = CountingSink() if options.dry_run else BufferSink(buffer, telemetry)
     importer = Importer(
         client.call, mapper, statistics_mapper, sink, checkpoints, progress, telemetry
     )
-    with progress:
-        summary = await importer.run(options, states_until, statistics_until)
+    saving = asyncio.create_task(columns.run(), name="import-column-budgets")
+    try:
+        with progress:
+            summary = await importer.run(options, states_until, statistics_until)
+    finally:
+        saving.cancel()  # its last save lands in the import spool's final commit
+        await asyncio.gather(saving, return_exceptions=True)
     return summary, sink
 
 

@@ -10,22 +10,35 @@ counted in ``ha_ingestor_fields_left_out_total{reason="column_budget"}`` and log
 
 Admitted names are persisted in the spool database (a checkpoint per measurement), so a restart
 neither forgets columns InfluxDB already has nor hands out the same budget twice.
+
+The service and ``ha-ingestor import`` write ``ha_state`` from spools of their own. Each reads
+the other's names (a :data:`SharedCheckpoint` reader, read-only) when a budget is made and every
+:data:`SHARED_LOOK` seconds after: they count against the same limit, so an import of a
+history full of attributes leaves the live service no fewer columns than InfluxDB has room
+for, and the other way round. Only names both admit for the first time within one look of each
+other can take the table past its budget together.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Sequence
 
 import orjson
 
 from ha_ingestor.pipeline.buffer import Checkpoints
 from ha_ingestor.telemetry import Telemetry
 
-__all__ = ["ColumnBudget", "ColumnBudgets", "promoted_budget"]
+__all__ = ["ColumnBudget", "ColumnBudgets", "SharedCheckpoint", "promoted_budget"]
 
 CHECKPOINT_PREFIX = "columns."
 REASON = "column_budget"
+#: Seconds between two reads of the names another process's spool holds.
+SHARED_LOOK = 30.0
+
+#: Reads a checkpoint of another process's spool (read-only): the value, or None.
+SharedCheckpoint = Callable[[str], str | None]
 
 
 def promoted_budget(max_columns: int, fixed_columns: int, static_tags: int) -> int | None:
@@ -69,6 +82,10 @@ class ColumnBudget:
         self._log_refusal(name)
         return False
 
+    def know(self, names: Iterable[str]) -> None:
+        """Names another process has given this measurement: they count against the limit."""
+        self._admitted.update(names)
+
     def left_out(self, count: int) -> None:
         """Count ``count`` fields left out of points for this budget."""
         if self._telemetry is not None and count:
@@ -89,21 +106,35 @@ class ColumnBudget:
 
 
 class ColumnBudgets:
-    """One budget per measurement, persisted as checkpoints of the spool database."""
+    """One budget per measurement, persisted as checkpoints of the spool database; ``shared``
+    reads the checkpoints of the other spools that write the same measurements."""
 
-    def __init__(self, checkpoints: Checkpoints, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self,
+        checkpoints: Checkpoints,
+        telemetry: Telemetry | None = None,
+        shared: Sequence[SharedCheckpoint] = (),
+    ) -> None:
         self._checkpoints = checkpoints
         self._telemetry = telemetry
+        self._shared = list(shared)
         self._budgets: dict[str, ColumnBudget] = {}
 
     def budget(self, measurement: str, limit: int | None) -> ColumnBudget:
         budget = self._budgets.get(measurement)
         if budget is None:
-            saved = self._checkpoints.load(CHECKPOINT_PREFIX + measurement)
-            known = orjson.loads(saved) if saved else []
+            known = self._names(self._checkpoints.load(CHECKPOINT_PREFIX + measurement))
             budget = ColumnBudget(measurement, limit, known, self._telemetry)
+            for read in self._shared:
+                budget.know(self._read_shared(read, measurement))
             self._budgets[measurement] = budget
         return budget
+
+    def refresh(self) -> None:
+        """Read the names the other spools hold again (blocking: they are SQLite files)."""
+        for measurement, budget in self._budgets.items():
+            for read in self._shared:
+                budget.know(self._read_shared(read, measurement))
 
     async def save(self) -> None:
         """Persist the names admitted since the last save."""
@@ -114,10 +145,36 @@ class ColumnBudgets:
                 await self._checkpoints.save(CHECKPOINT_PREFIX + name, orjson.dumps(names).decode())
 
     async def run(self, interval: float = 1.0) -> None:
-        """Save new names as they come (at most once per ``interval``), until cancelled."""
+        """Save new names as they come (at most once per ``interval``) and read the other
+        spools' names every :data:`SHARED_LOOK` seconds, until cancelled."""
+        looked = time.monotonic()
         try:
             while True:
                 await asyncio.sleep(interval)
                 await self.save()
+                if self._shared and time.monotonic() - looked >= SHARED_LOOK:
+                    looked = time.monotonic()
+                    await asyncio.to_thread(self.refresh)
         finally:
             await asyncio.shield(self.save())
+
+    def _read_shared(self, read: SharedCheckpoint, measurement: str) -> list[str]:
+        try:
+            return self._names(read(CHECKPOINT_PREFIX + measurement))
+        except Exception as exc:  # another process's spool: its trouble must not stop this one
+            if self._telemetry is not None:
+                self._telemetry.log.warning(
+                    "column names of another spool not read",
+                    measurement=measurement,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+            return []
+
+    @staticmethod
+    def _names(saved: str | None) -> list[str]:
+        if not saved:
+            return []
+        names = orjson.loads(saved)
+        if not isinstance(names, list):
+            raise TypeError(f"column names checkpoint is not a list: {saved[:80]!r}")
+        return [str(name) for name in names]

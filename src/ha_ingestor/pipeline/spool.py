@@ -47,6 +47,8 @@ from ha_ingestor.pipeline.spool_storage import (
 from ha_ingestor.telemetry import Telemetry
 
 SPOOL_FILE = "spool.sqlite3"
+#: The subdirectory of the service's spool directory that ``ha-ingestor import`` spools in.
+IMPORT_SPOOL = "import"
 RESERVE_FILE = "spool.reserve"
 _REBUILD_FILE = "spool.sqlite3.rebuild"
 
