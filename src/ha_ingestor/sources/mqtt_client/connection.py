@@ -35,6 +35,7 @@ from ha_ingestor.sources.mqtt_client.codec import (
     SubAck,
 )
 from ha_ingestor.sources.read_gate import BACK_PRESSURE, ReadGate
+from ha_ingestor.sources.stream import open_stream
 
 _ACK = struct.Struct("!BBH")
 _ACK_KIND = {1: codec.PUBACK << 4, 2: codec.PUBREC << 4}
@@ -88,21 +89,6 @@ class ConnectOptions:
     read_coalescing: float = 0.0
 
 
-class _Protocol(asyncio.Protocol):
-    def __init__(self, connection: MqttConnection) -> None:
-        self._connection = connection
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._connection._transport = self._connection._gate.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self._connection._received(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._connection._lost(exc)
-
-
 class MqttConnection:
     """``await connect()``, ``await subscribe(...)``, then messages arrive at ``on_publish``
     (topic, payload, qos, retain, dup, packet_id) until ``wait_closed()`` returns.
@@ -144,12 +130,13 @@ class MqttConnection:
         options = self.options
         try:
             async with asyncio.timeout(options.timeout):
-                await self._loop.create_connection(
-                    lambda: _Protocol(self),
+                await open_stream(
                     options.host,
                     options.port,
-                    ssl=options.ssl,
-                    server_hostname=options.host if options.ssl else None,
+                    options.ssl,
+                    made=self._made,
+                    received=self._received,
+                    lost=self._lost,
                 )
                 self._write(
                     codec.encode_connect(
@@ -266,6 +253,9 @@ class MqttConnection:
             raise self._error or ConnectionLostError("not connected")
         self._transport.write(data)
         self._last_out = time.monotonic()
+
+    def _made(self, transport: asyncio.Transport) -> None:
+        self._transport = self._gate.transport = transport
 
     def _received(self, data: bytes) -> None:
         self._last_in = time.monotonic()

@@ -22,27 +22,13 @@ from urllib.parse import urlsplit
 
 from ha_ingestor import __version__
 from ha_ingestor.sources.read_gate import ReadGate
+from ha_ingestor.sources.stream import open_stream
 from ha_ingestor.sources.websocket import codec
 from ha_ingestor.sources.websocket.codec import WebSocketError
 
 _DEFAULT_PORTS = {"ws": 80, "wss": 443}
 #: A message larger than this ends the connection (a whole home's states is a few MB).
 MAX_MESSAGE_SIZE = 256 * 1024 * 1024
-
-
-class _Protocol(asyncio.Protocol):
-    def __init__(self, connection: WebSocketConnection) -> None:
-        self._connection = connection
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._connection._made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self._connection._received(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._connection._lost(exc)
 
 
 class WebSocketConnection:
@@ -77,7 +63,6 @@ class WebSocketConnection:
         self._handshake: codec.HandshakeReader | None = codec.HandshakeReader(self._key)
         self._decoder = codec.Decoder(self._message, self._control, max_message_size)
         loop = asyncio.get_running_loop()
-        self._loop = loop
         self._gate = ReadGate(loop, read_coalescing)
         self._transport: asyncio.Transport | None = None
         self._opened: asyncio.Future[None] = loop.create_future()
@@ -90,12 +75,13 @@ class WebSocketConnection:
         """Raises ``OSError`` (refused, TLS), :class:`~.codec.HandshakeError` or ``TimeoutError``."""
         try:
             async with asyncio.timeout(self._timeout):
-                await self._loop.create_connection(
-                    lambda: _Protocol(self),
+                await open_stream(
                     self._host,
                     self._port,
-                    ssl=self._ssl,
-                    server_hostname=self._host if self._ssl else None,
+                    self._ssl,
+                    made=self._made,
+                    received=self._received,
+                    lost=self._lost,
                 )
                 self._write(
                     codec.handshake_request(
