@@ -387,6 +387,11 @@ async def test_influxdb_down_leaves_the_import_durable_and_the_next_one_writes_i
     assert result.returncode == 0, result.stderr  # durable in the import spool
     assert f"imported {seeded} states" in result.stdout
     assert f"{seeded} unwritten (durable in the spool)" in result.stdout
+    warning = next(
+        line for line in result.stderr.splitlines() if "import not fully written" in line
+    )
+    assert "influxdb_error=" in warning, warning
+    assert "Cannot connect" in warning, "the warning says why InfluxDB took nothing"
     fresh_influxdb.start()
     # Any later import writes what an earlier one left, first.
     again = await asyncio.to_thread(

@@ -376,6 +376,7 @@ async def _write_out(
             "import not fully written",
             unwritten_lines=left,
             spool=str(settings.spool_dir / IMPORT_SPOOL),
+            influxdb_error=telemetry.connection("influxdb").last_error,
             hint="durable; the next ha-ingestor import writes them first",
         )
     return left
