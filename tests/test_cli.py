@@ -51,6 +51,7 @@ def test_check_reaches_every_endpoint(mosquitto: Mosquitto, influxdb: InfluxDB1)
     result = run("check", **env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ok   mqtt: connected to" in result.stdout
+    assert "subscribed to #" in result.stdout
     assert "ok   influxdb: InfluxDB 1.6.7" in result.stdout
 
     dead = free_port()

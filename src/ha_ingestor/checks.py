@@ -18,6 +18,7 @@ TIMEOUT = 10.0
 
 
 async def check_mqtt(settings: Settings) -> str:
+    from ha_ingestor.sources.mqtt import subscribe
     from ha_ingestor.sources.mqtt_client import (
         MQTT_5,
         MQTT_311,
@@ -52,17 +53,31 @@ async def check_mqtt(settings: Settings) -> str:
             raise CheckError(f"{target}: {exc.strerror or exc}") from None
         except MqttError as exc:
             raise CheckError(f"{target}: {exc}") from None
-        await connection.close()
-        return f"connected to {target} (MQTT {'5' if version == MQTT_5 else '3.1.1'})"
+        try:  # retain_handling 2: no retained messages sent for this subscription
+            await subscribe(connection, settings, retain_handling=2)
+        except PermissionError as exc:
+            raise CheckError(f"{target}: connected, but the {exc}") from None
+        except MqttError as exc:
+            raise CheckError(f"{target}: {exc}") from None
+        finally:
+            await connection.close()
+        return (
+            f"connected to {target} (MQTT {'5' if version == MQTT_5 else '3.1.1'}), "
+            f"subscribed to {', '.join(settings.mqtt_topics)}"
+        )
     raise CheckError(f"{target}: no MQTT protocol version accepted")  # pragma: no cover
 
 
 async def check_homeassistant(settings: Settings) -> str:
     from ha_ingestor.sources.ha_client import (
         AuthInvalidError,
-        CommandError,
         HomeAssistantClient,
         NotHomeAssistantError,
+    )
+    from ha_ingestor.sources.homeassistant import (
+        EventTypeRefusedError,
+        NotAllowedError,
+        subscribe_events,
     )
 
     assert settings.ha_url is not None
@@ -77,13 +92,10 @@ async def check_homeassistant(settings: Settings) -> str:
         async with client:
             config = await client.call("get_config")
             location = (config or {}).get("location_name", "?")
-            try:
-                await client.call("subscribe_events")
-            except CommandError:
-                raise CheckError(
-                    f"{settings.ha_url}: authenticated, but the token may not subscribe to all "
-                    "events — use a token of an administrator user"
-                ) from None
+            try:  # the subscriptions ``run`` makes, so a token that works for it passes
+                await subscribe_events(client.call, settings.ha_event_types)
+            except (NotAllowedError, EventTypeRefusedError) as exc:
+                raise CheckError(f"{settings.ha_url}: authenticated, but {exc}") from None
     except AuthInvalidError:
         raise CheckError(
             f"{settings.ha_url}: token rejected (auth_invalid) — create a new long-lived "

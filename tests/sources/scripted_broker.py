@@ -32,6 +32,25 @@ def publish(
     return bytes([first]) + _varint(len(body)) + body
 
 
+def _subscribed_filters(body: bytes) -> list[str]:
+    """The topic filters of an MQTT 5 SUBSCRIBE body (packet id, properties, filters)."""
+    position, length, shift = 2, 0, 0
+    while True:
+        byte = body[position]
+        position += 1
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    position += length
+    filters = []
+    while position < len(body):
+        (size,) = struct.unpack_from("!H", body, position)
+        filters.append(body[position + 2 : position + 2 + size].decode())
+        position += 2 + size + 1  # the filter and its options byte
+    return filters
+
+
 class ScriptedBroker:
     """Accepts connections, answers CONNACK (session present or not) and SUBACK, sends what the
     test hands it, and records the acknowledgements per connection."""
@@ -43,6 +62,8 @@ class ScriptedBroker:
         self.connections: list[asyncio.StreamWriter] = []
         self.received: list[list[bytes]] = []  # per connection: packets from the client
         self.port = 0
+        self.refuse: set[str] = set()  # filters SUBACK refuses (0x87, not authorized)
+        self.subscriptions: list[list[str]] = []  # the filters of each SUBSCRIBE
         self._subscribed: list[asyncio.Event] = []
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -66,11 +87,11 @@ class ScriptedBroker:
                 if kind == 1:  # CONNECT
                     present = int(self.session_present)
                     writer.write(bytes([0x20, 3, present, self.connack_code, 0]))
-                elif kind == 8:  # SUBSCRIBE: grant every filter QoS 1
-                    filters = body.count(b"\x11")
-                    writer.write(
-                        bytes([0x90, 3 + filters]) + body[:2] + b"\x00" + b"\x01" * filters
-                    )
+                elif kind == 8:  # SUBSCRIBE: grant QoS 1, or refuse (not authorized)
+                    filters = _subscribed_filters(body)
+                    self.subscriptions.append(filters)
+                    codes = bytes(0x87 if f in self.refuse else 0x01 for f in filters)
+                    writer.write(bytes([0x90, 3 + len(codes)]) + body[:2] + b"\x00" + codes)
                     subscribed.set()
                 else:
                     packets.append(bytes([first]) + _varint(length) + body)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Protocol
@@ -35,7 +35,7 @@ from ha_ingestor.importer.options import ImportOptionError, ImportOptions
 from ha_ingestor.importer.progress import ImportProgress
 from ha_ingestor.line_protocol import encode_fields, series_key
 from ha_ingestor.pipeline.buffer import Buffer, Checkpoints
-from ha_ingestor.pipeline.ha_backfill import HISTORY, history_points
+from ha_ingestor.pipeline.ha_backfill import HISTORY, Call, history_points
 from ha_ingestor.pipeline.ha_events import Mapper, epoch_to_ns, format_time_ns, parse_time_ns
 from ha_ingestor.pipeline.ha_statistics import PERIODS, Statistic, StatisticsMapper
 from ha_ingestor.record import Point
@@ -65,10 +65,6 @@ MAX_UNWRITTEN_LINES = 8_000
 #: Statistics windows: about 720 rows per statistic and request.
 STATISTICS_WINDOW_NS = {"hour": 30 * _DAY_NS, "5minute": 2 * _DAY_NS + 12 * _HOUR_NS}
 STATISTIC_TYPES = ["mean", "min", "max", "sum", "state"]
-
-
-class Call(Protocol):
-    def __call__(self, command: str, **payload: Any) -> Awaitable[Any]: ...
 
 
 def checkpoint_key(phase: str) -> str:

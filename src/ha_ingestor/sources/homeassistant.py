@@ -42,7 +42,7 @@ import contextlib
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ha_ingestor.backoff import Backoff
@@ -51,7 +51,7 @@ from ha_ingestor.errors import describe
 from ha_ingestor.line_protocol import encode_point
 from ha_ingestor.pipeline.buffer import Buffer, Checkpoints
 from ha_ingestor.pipeline.columns import ColumnBudget
-from ha_ingestor.pipeline.ha_backfill import HistoryBackfill, LiveProbe
+from ha_ingestor.pipeline.ha_backfill import Call, HistoryBackfill, LiveProbe
 from ha_ingestor.pipeline.ha_events import (
     EntityFilter,
     EntityInfo,
@@ -91,6 +91,36 @@ class NotAllowedError(Exception):
 
 class EventTypeRefusedError(Exception):
     """Home Assistant refuses to subscribe to an event type the configuration names."""
+
+
+async def subscribe_events(call: Call, event_types: Sequence[str]) -> None:
+    """Subscribe to ``event_types`` (all events when empty), as the source does, and ``check``
+    to test a token. Raises :class:`NotAllowedError` for a token that may not,
+    :class:`EventTypeRefusedError` for an event type Home Assistant refuses."""
+    try:
+        for event_type in event_types:
+            try:
+                await call("subscribe_events", event_type=event_type)
+            except CommandError as exc:
+                if exc.code == "unauthorized":
+                    raise
+                raise EventTypeRefusedError(
+                    f"Home Assistant refused to subscribe to {event_type!r}, named in "
+                    f"HA_INGESTOR_HA_EVENT_TYPES ({exc.code}: {exc}). Remove it from "
+                    "HA_INGESTOR_HA_EVENT_TYPES and restart."
+                ) from None
+        if not event_types:
+            await call("subscribe_events")
+    except CommandError as exc:
+        if exc.code == "unauthorized":
+            raise NotAllowedError(
+                "Home Assistant refused to let this token subscribe to "
+                f"{'these events' if event_types else 'all events'} "
+                "(unauthorized): only an administrator's token may. Use a long-lived "
+                "access token of an administrator, or set HA_INGESTOR_HA_EVENT_TYPES to "
+                "events any user may subscribe to (e.g. state_changed)."
+            ) from None
+        raise
 
 
 def event_mapper(
@@ -285,31 +315,7 @@ class HomeAssistantSource:
             self._spawn(self._fill_gap(gap_start, probe), "homeassistant-backfill")
 
     async def _subscribe(self) -> None:
-        try:
-            if self._settings.ha_event_types:
-                for event_type in self._settings.ha_event_types:
-                    try:
-                        await self._call("subscribe_events", event_type=event_type)
-                    except CommandError as exc:
-                        if exc.code == "unauthorized":
-                            raise
-                        raise EventTypeRefusedError(
-                            f"Home Assistant refused to subscribe to {event_type!r}, named in "
-                            f"HA_INGESTOR_HA_EVENT_TYPES ({exc.code}: {exc}). Remove it from "
-                            "HA_INGESTOR_HA_EVENT_TYPES and restart."
-                        ) from None
-            else:
-                await self._call("subscribe_events")
-        except CommandError as exc:
-            if exc.code == "unauthorized":
-                raise NotAllowedError(
-                    "Home Assistant refused to let this token subscribe to "
-                    f"{'these events' if self._settings.ha_event_types else 'all events'} "
-                    "(unauthorized): only an administrator's token may. Use a long-lived "
-                    "access token of an administrator, or set HA_INGESTOR_HA_EVENT_TYPES to "
-                    "events any user may subscribe to (e.g. state_changed)."
-                ) from None
-            raise
+        await subscribe_events(self._call, self._settings.ha_event_types)
 
     # --- framing -----------------------------------------------------------------------------------
     def _on_events(self, batch: Events) -> None:

@@ -90,6 +90,33 @@ def _compile_filter(topic_filter: str) -> re.Pattern[str]:
     return re.compile(pattern, re.DOTALL)
 
 
+def subscription_filters(settings: Settings) -> list[str]:
+    """``HA_INGESTOR_MQTT_TOPICS``, and the discovery topics when those do not cover them."""
+    prefix = settings.mqtt_discovery_prefix
+    filters = [*settings.mqtt_topics]
+    if not TopicFilters(filters).matches(f"{prefix}/x/y/config"):
+        filters += [f"{prefix}/+/+/config", f"{prefix}/+/+/+/config"]
+    return filters
+
+
+async def subscribe(
+    connection: MqttConnection, settings: Settings, retain_handling: int
+) -> list[str]:
+    """Subscribe to :func:`subscription_filters`; the filters. Raises ``PermissionError``
+    naming the filters the broker refused."""
+    filters = subscription_filters(settings)
+    granted = await connection.subscribe(
+        filters, settings.mqtt_qos, retain_handling=retain_handling
+    )
+    refused = [f for f, code in zip(filters, granted, strict=False) if code >= 0x80]
+    if refused:
+        raise PermissionError(
+            f"broker refused the subscription to {', '.join(refused)} (HA_INGESTOR_MQTT_TOPICS, "
+            "or the discovery topics): allow this user to read them in the broker's ACL"
+        )
+    return filters
+
+
 class RetainedReplays:
     """Recognises retained messages the broker replays on (re)subscribe.
 
@@ -247,8 +274,6 @@ class MqttSource:
         self._uncounted = 0
         self._resume_task: asyncio.Task[None] | None = None
         self._last_accepted: asyncio.Future[None] | None = None
-        prefix = settings.mqtt_discovery_prefix
-        self._discovery_filters = [f"{prefix}/+/+/config", f"{prefix}/+/+/+/config"]
 
     @property
     def encoder(self) -> MqttMessageEncoder:
@@ -332,15 +357,9 @@ class MqttSource:
 
     async def _subscribe(self, connection: MqttConnection) -> None:
         settings = self._settings
-        filters = [*settings.mqtt_topics]
-        if not self._include.matches(f"{settings.mqtt_discovery_prefix}/x/y/config"):
-            filters += self._discovery_filters
         # retain_handling 1: the broker sends retained messages only for a new subscription,
         # so a resumed persistent session does not replay them.
-        granted = await connection.subscribe(filters, settings.mqtt_qos, retain_handling=1)
-        refused = [f for f, code in zip(filters, granted, strict=False) if code >= 0x80]
-        if refused:
-            raise PermissionError(f"broker refused the subscription to {', '.join(refused)}")
+        filters = await subscribe(connection, settings, retain_handling=1)
         # Connected means subscribed: a message published after readiness must not be missed.
         self._telemetry.log.info(
             "mqtt subscribed",
