@@ -46,6 +46,11 @@ def test_lists_tags_and_tls_port() -> None:
         ({**BASE, "HA_INGESTOR_INFLUX_DATABASE": " "}, "HA_INGESTOR_INFLUX_DATABASE", "empty"),
         ({**BASE, "HA_INGESTOR_MQTT_HOTS": "x"}, "HA_INGESTOR_MQTT_HOTS", "unknown setting"),
         ({"HA_INGESTOR_INFLUX_URL": "http://db"}, "configuration", "no source is enabled"),
+        (
+            {**BASE, "HA_INGESTOR_MQTT_CA_FILE": "/etc/ca.pem"},
+            "configuration",
+            "HA_INGESTOR_MQTT_CA_FILE set, but HA_INGESTOR_MQTT_TLS is not true",
+        ),
     ],
 )
 def test_invalid_values_name_the_variable(

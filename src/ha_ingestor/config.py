@@ -116,7 +116,8 @@ class Settings(BaseModel):
     mqtt_keepalive: int = Field(30, ge=5, le=65535, description="MQTT keepalive in seconds.")
     mqtt_tls: bool = Field(False, description="Connect to the broker with TLS.")
     mqtt_ca_file: Path | None = Field(
-        None, description="CA bundle that signs the broker certificate."
+        None,
+        description="CA bundle that signs the broker certificate; needs `HA_INGESTOR_MQTT_TLS`.",
     )
     mqtt_cert_file: Path | None = Field(None, description="Client certificate (mutual TLS).")
     mqtt_key_file: Path | None = Field(None, description="Client private key (mutual TLS).")
@@ -356,6 +357,19 @@ class Settings(BaseModel):
         if (self.mqtt_cert_file is None) != (self.mqtt_key_file is None):
             raise ValueError(
                 "HA_INGESTOR_MQTT_CERT_FILE and HA_INGESTOR_MQTT_KEY_FILE must be set together"
+            )
+        tls_only = {
+            "HA_INGESTOR_MQTT_CA_FILE": self.mqtt_ca_file is not None,
+            "HA_INGESTOR_MQTT_CERT_FILE": self.mqtt_cert_file is not None,
+            "HA_INGESTOR_MQTT_TLS_INSECURE": self.mqtt_tls_insecure,
+        }
+        given = [name for name, is_set in tls_only.items() if is_set]
+        if given and not self.mqtt_tls:
+            # Ignoring them would connect in plain text to a broker the user meant to reach
+            # over TLS, password and all.
+            raise ValueError(
+                f"{', '.join(given)} set, but HA_INGESTOR_MQTT_TLS is not true: set "
+                "HA_INGESTOR_MQTT_TLS=true to connect to the broker with TLS"
             )
         return self
 
