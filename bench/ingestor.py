@@ -57,10 +57,17 @@ class RunningIngestor:
 
 @contextmanager
 def ingestor_process(
-    mosquitto: Mosquitto, influx: InfluxDB1, prefix: str, workdir: Path, *, spool: bool = True
+    mosquitto: Mosquitto,
+    influx: InfluxDB1,
+    prefix: str,
+    workdir: Path,
+    *,
+    spool: bool = True,
+    source: Path | None = None,
 ) -> Iterator[RunningIngestor]:
     """``ha-ingestor run`` subscribed to ``<prefix>/#``, writing to database ``bench_<prefix>``;
-    yields once it is ready. ``BENCH_HA_INGESTOR_*`` variables pass settings through, and
+    yields once it is ready. ``source``: a ``src`` directory of another version to run instead
+    of the installed one. ``BENCH_HA_INGESTOR_*`` variables pass settings through, and
     ``BENCH_PROFILE=/tmp/profile`` writes a cProfile file per run."""
     database = f"bench_{prefix}"
     http_port = free_port()
@@ -84,6 +91,8 @@ def ingestor_process(
             if k.startswith("BENCH_HA_INGESTOR_")
         },
     }
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "ha_ingestor", "run"]
     if os.environ.get("BENCH_PROFILE"):
         profile = f"{os.environ['BENCH_PROFILE']}.{prefix}.prof"

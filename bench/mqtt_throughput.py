@@ -1,7 +1,7 @@
 """MQTT → InfluxDB throughput, end to end, against real Mosquitto and InfluxDB 1.x.
 
     .venv/bin/python -m bench.mqtt_throughput [--messages 200000] [--qos 1] [--runs 3]
-                                              [--no-spool-baseline]
+                                              [--no-spool-baseline] [--compare REV]
 
 Publishes N messages of realistic shape (zigbee2mqtt-style JSON, plain numbers, text) as fast as
 the broker takes them and reports, all measured in the same run on the same machine:
@@ -14,6 +14,11 @@ the broker takes them and reports, all measured in the same run on the same mach
 
 Each ingestor run writes to an InfluxDB of its own, started for it: a second run into a database
 that already holds the first run's points made influxd work harder (up to 1.5 s more CPU).
+
+``--compare REV`` runs the ``src`` of another commit (``git archive``) as well, alternating with
+this tree's spool-on runs, and prints both medians: the ratio to ``mosquitto_sub`` moves with the
+machine, two versions measured this way do not. Dependencies that version has and this one lacks
+go on ``PYTHONPATH`` (e.g. ``pip install --target /tmp/gmqtt gmqtt==0.8.0`` for d00653e).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -107,6 +113,16 @@ class IngestorRun:
     mosquitto_cpu_seconds: float
 
 
+def checkout_source(rev: str, directory: Path) -> Path:
+    """The ``src`` directory of commit ``rev``, extracted into ``directory``."""
+    directory.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, "src"], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive.stdout, check=True)
+    return directory / "src"
+
+
 def run_ingestor(
     mosquitto: Mosquitto,
     messages: list[Message],
@@ -114,10 +130,11 @@ def run_ingestor(
     spool: bool,
     workdir: Path,
     stall_timeout: float,
+    source: Path | None = None,
 ) -> IngestorRun:
     with (
         started(InfluxDB1(workdir / f"influxdb-{prefix}")) as influx,
-        ingestor_process(mosquitto, influx, prefix, workdir, spool=spool) as running,
+        ingestor_process(mosquitto, influx, prefix, workdir, spool=spool, source=source) as running,
     ):
         process, database = running.process, running.database
         start_box: list[float] = []
@@ -175,6 +192,9 @@ def main() -> None:
     )
     parser.add_argument("--no-spool-baseline", action="store_true", help="skip the spool-off run")
     parser.add_argument("--stall-timeout", type=float, default=20.0)
+    parser.add_argument(
+        "--compare", metavar="REV", help="also run this commit's src, alternating with this tree"
+    )
     args = parser.parse_args()
 
     with (
@@ -199,15 +219,18 @@ def main() -> None:
 
         # The baseline is measured before, between and after the ingestor runs and averaged:
         # on a noisy machine one measurement of it moves the ratios by ±15 % and more.
-        runs = [
-            (f"spool on (durable, default){f' #{i + 1}' if args.runs > 1 else ''}", True, f"b1{i}")
-            for i in range(args.runs)
-        ]
+        other = checkout_source(args.compare, workdir / "compare") if args.compare else None
+        runs: list[tuple[str, bool, str, Path | None]] = []
+        for i in range(args.runs):
+            number = f" #{i + 1}" if args.runs > 1 else ""
+            runs.append((f"spool on (durable, default){number}", True, f"b1{i}", None))
+            if other is not None:
+                runs.append((f"{args.compare[:12]}, spool on{number}", True, f"c1{i}", other))
         if not args.no_spool_baseline:
-            runs.append(("spool off (memory only)", False, "b2"))
+            runs.append(("spool off (memory only)", False, "b2", None))
         sub_rates: list[float] = []
         results: list[IngestorRun] = []
-        for _, spool, prefix in runs:
+        for _, spool, prefix, source in runs:
             sub_rates.append(baseline(f"s{prefix}"))
             results.append(
                 run_ingestor(
@@ -217,6 +240,7 @@ def main() -> None:
                     spool,
                     workdir,
                     args.stall_timeout,
+                    source,
                 )
             )
         sub_rates.append(baseline("s-after"))
@@ -226,9 +250,10 @@ def main() -> None:
         broker = ", ".join(f"{cpu:.1f}" for cpu in broker_cpu)
         print(f"    mosquitto's CPU meanwhile: {broker} s")
         rates: dict[bool, list[float]] = {True: [], False: []}
-        for (label, spool, _), result in zip(runs, results, strict=True):
+        compared: list[float] = []
+        for (label, spool, _, source), result in zip(runs, results, strict=True):
             rate = result.stored / result.seconds
-            rates[spool].append(rate)
+            (compared if source is not None else rates[spool]).append(rate)
             print(
                 f"ingestor, {label:28s} {rate:10,.0f} msg/s  ({result.seconds:.2f} s)  "
                 f"ratio to mosquitto_sub {rate / sub_rate:.2f}  lost {n - result.stored}  "
@@ -244,6 +269,12 @@ def main() -> None:
         spool_on = statistics.median(rates[True])
         if len(rates[True]) > 1:
             print(f"median of the spool-on runs: ratio to mosquitto_sub {spool_on / sub_rate:.2f}")
+        if compared:
+            theirs = statistics.median(compared)
+            print(
+                f"median of {args.compare}: ratio to mosquitto_sub {theirs / sub_rate:.2f}; "
+                f"this tree / {args.compare} = {spool_on / theirs:.2f}"
+            )
         if rates[False]:
             print(
                 "cost of durability: spool-on rate / spool-off rate = "
