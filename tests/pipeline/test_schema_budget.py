@@ -3,6 +3,7 @@ budgets that keep every measurement inside InfluxDB 3 Core's 500 columns."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import datetime
 from functools import partial
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from ha_ingestor.pipeline import columns as columns_module
 from ha_ingestor.pipeline.buffer import MemoryCheckpoints
 from ha_ingestor.pipeline.columns import ColumnBudget, ColumnBudgets, promoted_budget
 from ha_ingestor.pipeline.ha_backfill import history_points
@@ -26,6 +28,7 @@ from ha_ingestor.pipeline.mqtt_messages import MqttMessageEncoder
 from ha_ingestor.pipeline.spool import SqliteSpool, read_checkpoint
 from ha_ingestor.telemetry import Telemetry
 from tests.sinks.conftest import RecordingLogger, new_telemetry, sample
+from tests.support.waiting import wait_for
 
 TIMES = [f"2024-03-15T10:0{i}:00.000001+00:00" for i in range(5)]
 ATTRS = {"friendly_name": "Power", "unit_of_measurement": "W", "battery": 80}
@@ -278,6 +281,25 @@ async def test_names_of_another_spool_count_against_the_budget(tmp_path: Path) -
         assert saved is not None
         assert {"attr_a", "attr_b"} <= set(json.loads(saved))
     assert not log.named("column names of another spool not read")
+
+
+@pytest.mark.timeout(30)
+async def test_a_running_budget_looks_at_the_other_spool_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(columns_module, "SHARED_LOOK", 0.05)
+    other = {"columns.ha_state": '["attr_a"]'}
+    budgets = ColumnBudgets(MemoryCheckpoints(), None, [other.get])
+    budget = budgets.budget("ha_state", 3)
+    assert budget.admitted == frozenset({"attr_a"})
+    running = asyncio.create_task(budgets.run(interval=0.01))
+    try:
+        other["columns.ha_state"] = '["attr_a", "attr_b", "attr_c"]'
+        await wait_for(lambda: len(budget.admitted) == 3, timeout=5, message="the next look")
+        assert not budget.admit("attr_d")
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
 
 
 @pytest.mark.timeout(30)

@@ -132,9 +132,7 @@ class ColumnBudgets:
 
     def refresh(self) -> None:
         """Read the names the other spools hold again (blocking: they are SQLite files)."""
-        for measurement, budget in self._budgets.items():
-            for read in self._shared:
-                budget.know(self._read_shared(read, measurement))
+        self._know(self._read_all_shared())
 
     async def save(self) -> None:
         """Persist the names admitted since the last save."""
@@ -154,9 +152,22 @@ class ColumnBudgets:
                 await self.save()
                 if self._shared and time.monotonic() - looked >= SHARED_LOOK:
                     looked = time.monotonic()
-                    await asyncio.to_thread(self.refresh)
+                    # Read in a thread, applied here: budgets change on the event loop only.
+                    self._know(await asyncio.to_thread(self._read_all_shared))
         finally:
             await asyncio.shield(self.save())
+
+    def _read_all_shared(self) -> dict[str, list[str]]:
+        return {
+            measurement: [
+                name for read in self._shared for name in self._read_shared(read, measurement)
+            ]
+            for measurement in list(self._budgets)
+        }
+
+    def _know(self, names: dict[str, list[str]]) -> None:
+        for measurement, known in names.items():
+            self._budgets[measurement].know(known)
 
     def _read_shared(self, read: SharedCheckpoint, measurement: str) -> list[str]:
         try:
