@@ -26,6 +26,7 @@ from ha_ingestor.pipeline.ha_events import STATE_FIXED_COLUMNS, STATE_MEASUREMEN
 from ha_ingestor.pipeline.mqtt_messages import FIXED_COLUMNS as MQTT_FIXED_COLUMNS
 from ha_ingestor.pipeline.mqtt_messages import MEASUREMENT as MQTT_MEASUREMENT
 from ha_ingestor.pipeline.spool import IMPORT_SPOOL, SqliteSpool, read_checkpoint
+from ha_ingestor.sinks.dead_letter import DeadLetterFile
 from ha_ingestor.sinks.influxdb import InfluxClient
 from ha_ingestor.sinks.writer import InfluxWriter
 from ha_ingestor.sources.mqtt import MqttSource
@@ -103,7 +104,9 @@ class Service:
                 checkpoints, telemetry, shared if settings.spool_enabled else []
             )
             instance = await self._instance(settings, checkpoints)
-            sources = self.sources = self._sources(settings, buffer, columns, checkpoints, instance)
+            sources = self.sources = self._sources(
+                settings, buffer, columns, checkpoints, instance, writer.dead_letters
+            )
             async with HttpServer(
                 settings.http_host, settings.http_port, telemetry, buffer, readiness
             ) as http:
@@ -141,6 +144,7 @@ class Service:
         columns: ColumnBudgets,
         checkpoints: Checkpoints,
         instance: str,
+        dead_letters: DeadLetterFile,
     ) -> dict[str, Any]:
         sources: dict[str, Any] = {}
         static_tags = len(settings.tags)
@@ -158,6 +162,7 @@ class Service:
                     STATE_MEASUREMENT,
                     promoted_budget(settings.influx_max_columns, STATE_FIXED_COLUMNS, static_tags),
                 ),
+                dead_letters=dead_letters,  # one file, shared with the writer
             )
             registry = homeassistant.registries  # names MQTT-discovered entities
             sources["homeassistant"] = homeassistant

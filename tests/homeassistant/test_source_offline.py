@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -13,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from ha_ingestor.config import load_settings
 from ha_ingestor.pipeline.buffer import MemoryCheckpoints
 from ha_ingestor.pipeline.ha_events import EntityInfo, format_time_ns, parse_time_ns
+from ha_ingestor.sinks.dead_letter import DeadLetterFile
 from ha_ingestor.sources.ha_client import CommandError
 from ha_ingestor.sources.ha_registry import Registries
 from ha_ingestor.sources.homeassistant import CHECKPOINT_KEY, HomeAssistantSource
@@ -44,7 +47,10 @@ def state_changed(entity_id: str, value: str, fired: str = T1) -> dict[str, Any]
 
 @contextlib.asynccontextmanager
 async def offline_source(
-    buffer: RecordingBuffer, checkpoints: MemoryCheckpoints | None = None, **settings: str
+    buffer: RecordingBuffer,
+    checkpoints: MemoryCheckpoints | None = None,
+    dead_letters: DeadLetterFile | None = None,
+    **settings: str,
 ) -> AsyncIterator[tuple[HomeAssistantSource, CollectorRegistry]]:
     env = {
         "HA_INGESTOR_INFLUX_URL": "http://127.0.0.1:9",
@@ -57,6 +63,7 @@ async def offline_source(
         buffer,
         Telemetry(registry),
         checkpoints if checkpoints is not None else MemoryCheckpoints(),
+        dead_letters=dead_letters,
     )
     yield source, registry
 
@@ -76,13 +83,28 @@ async def test_events_already_read_are_buffered_when_the_source_stops() -> None:
     assert len(buffer.lines) == 4, "shutdown buffered the events that were read"
 
 
-async def test_malformed_and_filtered_events_are_counted_not_stored() -> None:
+async def test_malformed_events_are_counted_and_kept_filtered_ones_counted(
+    tmp_path: Path,
+) -> None:
     buffer = RecordingBuffer()
-    async with offline_source(buffer, ha_exclude_entities="sensor.hidden_*") as (source, registry):
-        source._handle({"event_type": "state_changed", "data": {"entity_id": "sensor.x"}})
-        source._handle(state_changed("sensor.hidden_1", "1"))
-        source._handle(state_changed("sensor.shown", "1"))
+    dead_letters = DeadLetterFile(tmp_path / "dead-letter.jsonl")
+    malformed = {"event_type": "state_changed", "data": {"entity_id": "sensor.x"}}
+    async with offline_source(
+        buffer, dead_letters=dead_letters, ha_exclude_entities="sensor.hidden_*"
+    ) as (source, registry):
+        task = asyncio.create_task(source.run())
+        source._events.extend(
+            [malformed, state_changed("sensor.hidden_1", "1"), state_changed("sensor.shown", "1")]
+        )
+        source._events_ready.set()
+        await wait_for(lambda: len(buffer.lines) == 1)
+        task.cancel()  # the shutdown waits for the rejected event to be written
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     assert len(buffer.lines) == 1
+    records = [json.loads(line) for line in dead_letters.path.read_text().splitlines()]
+    assert [r["event"] for r in records] == [malformed], "kept as Home Assistant sent it"
+    assert records[0]["reason"].startswith("malformed event: KeyError")
 
     def sample(name: str, **labels: str) -> float:
         return registry.get_sample_value(name, labels) or 0.0

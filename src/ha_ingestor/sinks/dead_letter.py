@@ -1,7 +1,9 @@
-"""Lines InfluxDB refused for good, kept with the server's reason.
+"""Lines InfluxDB refused for good, and Home Assistant events that could not become a point,
+kept with the reason.
 
-``<spool dir>/dead-letter.jsonl``: one JSON object per line, ``{"time", "reason", "line"}``
-(``time`` in ISO 8601 UTC), appended and fsynced before the batch leaves the spool. At
+``<spool dir>/dead-letter.jsonl``: one JSON object per line, ``{"time", "reason", "line"}`` for a
+line (``time`` in ISO 8601 UTC), appended and fsynced before the batch leaves the spool;
+``{"time", "reason", "event"}`` for an event, as Home Assistant sent it. At
 ``max_bytes`` the file is rotated to ``dead-letter.jsonl.1`` (older ones shift to ``.2`` ...);
 the oldest beyond ``backups`` is deleted, so the dead letters never fill the disk.
 """
@@ -10,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -27,10 +31,17 @@ class DeadLetterFile:
 
     async def add(self, lines: list[str], reason: str) -> None:
         """Append one record per line; returns once they are on disk. Raises OSError."""
-        now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+        now = _now()
         data = b"".join(
             orjson.dumps({"time": now, "reason": reason, "line": line}) + b"\n" for line in lines
         )
+        async with self._lock:
+            await asyncio.get_running_loop().run_in_executor(None, self._append, data)
+
+    async def add_event(self, event: Mapping[str, Any], reason: str) -> None:
+        """Append one record of an event that could not be stored. Raises OSError."""
+        record = {"time": _now(), "reason": reason, "event": event}
+        data = orjson.dumps(record, default=repr) + b"\n"
         async with self._lock:
             await asyncio.get_running_loop().run_in_executor(None, self._append, data)
 
@@ -59,3 +70,7 @@ class DeadLetterFile:
             self.path.replace(backup(1))
         else:
             self.path.unlink()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")

@@ -42,8 +42,8 @@ import contextlib
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from ha_ingestor.backoff import Backoff
 from ha_ingestor.config import Settings
@@ -83,6 +83,13 @@ _RECORDER_RECHECK = 600.0
 _MAX_KNOWN_ENTITIES = 100_000
 _READ_COALESCING = 0.5  # at a trickle: the socket is read at most this often (seconds)
 _PROCESS_AT_ONCE = 256  # in a backlog: the events handled between yields to the loop
+_KEEP_ON_SHUTDOWN_TIMEOUT = 2.0  # seconds to finish writing rejected events at shutdown
+
+
+class RejectedEvents(Protocol):
+    """Where events that cannot become a point are kept (the dead-letter file)."""
+
+    async def add_event(self, event: Mapping[str, Any], reason: str) -> None: ...
 
 
 class NotAllowedError(Exception):
@@ -152,13 +159,18 @@ class HomeAssistantSource:
         checkpoints: Checkpoints,
         instance: str | None = None,
         columns: ColumnBudget | None = None,
+        dead_letters: RejectedEvents | None = None,
     ) -> None:
+        """``dead_letters`` keeps the events that cannot become a point (None: they are only
+        counted)."""
         if settings.ha_url is None or settings.ha_token is None:
             raise ValueError("HA_INGESTOR_HA_URL and HA_INGESTOR_HA_TOKEN are both needed")
         self._settings = settings
         self._buffer = buffer
         self._telemetry = telemetry
         self._checkpoints = checkpoints
+        self._dead_letters = dead_letters
+        self._keeping: set[asyncio.Task[None]] = set()  # rejected events being written
         self._registries = Registries()
         self._mapper = event_mapper(
             settings,
@@ -243,6 +255,8 @@ class HomeAssistantSource:
                     await asyncio.sleep(backoff.next_delay())
         except asyncio.CancelledError:
             self._drain()
+            if self._keeping:  # the rejected events among them reach the dead-letter file
+                await asyncio.wait(list(self._keeping), timeout=_KEEP_ON_SHUTDOWN_TIMEOUT)
             raise
 
     def _drain(self) -> None:
@@ -448,6 +462,7 @@ class HomeAssistantSource:
                 event_type=str(event_type),
                 error=describe(exc),
             )
+            self._keep_rejected(event, f"malformed event: {describe(exc)}")
             return
         if point is None:
             telemetry.dropped("filtered_event", intentional=True)
@@ -463,6 +478,7 @@ class HomeAssistantSource:
                 event_type=str(event_type),
                 error=str(exc),
             )
+            self._keep_rejected(event, f"point cannot be encoded: {exc}")
             return
         accepted = self._buffer.add(line)
         # One callback per group of lines: the newest event time of the group is durable
@@ -473,6 +489,25 @@ class HomeAssistantSource:
             accepted.add_done_callback(lambda done: self._durable(done, latest[0]))
         elif point.time_ns > self._group_latest[0]:
             self._group_latest[0] = point.time_ns
+
+    def _keep_rejected(self, event: dict[str, Any], reason: str) -> None:
+        """The event as Home Assistant sent it, into the dead-letter file (in the background:
+        ``_handle`` stays synchronous)."""
+        dead_letters = self._dead_letters
+        if dead_letters is None:
+            return
+
+        async def keep() -> None:
+            try:
+                await dead_letters.add_event(event, reason)
+            except OSError as exc:
+                self._telemetry.error(
+                    TARGET, "rejected event not kept", error=describe(exc), reason=reason
+                )
+
+        task = asyncio.get_running_loop().create_task(keep(), name="homeassistant-dead-letter")
+        self._keeping.add(task)
+        task.add_done_callback(self._keeping.discard)
 
     def _durable(self, done: asyncio.Future[None], time_ns: int) -> None:
         if done.cancelled() or done.exception() is not None:
